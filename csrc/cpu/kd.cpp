@@ -1,0 +1,242 @@
+// CPU kernels of the fused KD divergences (kd_div and kd_div_backward).
+//
+// Forward: one pass over each row in L1-sized chunks (chunk max, then exp-sums against it, merged into the
+// row's online log-sum-exp state); only per-row stats are kept. JSD needs the normalisers before it can
+// form the mixture, so it reads its rows a second time. Backward: one pass writing the gradient(s).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "cpu/cpu_utils.h"
+#include "kdops/kd_checks.h"
+#include "kdops/kd_math.h"
+
+namespace kdops {
+namespace cpu {
+namespace {
+
+using kd::Divergence;
+using kd::RowState;
+
+template <typename acc_t>
+KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
+  acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t i = 0; i < n; ++i) {
+    ms = max_of(ms, s[i]);
+    mt = max_of(mt, t[i]);
+  }
+  const acc_t shift_s = kd::shift_of(ms), shift_t = kd::shift_of(mt);
+  acc_t zs = 0, zt = 0, at = 0, as = 0;
+#pragma omp simd reduction(+ : zs, zt, at, as)
+  for (int64_t i = 0; i < n; ++i) {
+    kd::accumulate(s[i], t[i], shift_s, shift_t, inv_t, zs, zt, at, as);
+  }
+  return {ms, mt, zs, zt, at, as};
+}
+
+template <typename acc_t>
+KDOPS_CPU_CLONES void jsd_chunk(const acc_t* s, const acc_t* t, int64_t n, const acc_t* stats, acc_t inv_t,
+                                acc_t log_beta, acc_t log_1m_beta, acc_t& kl_sm, acc_t& kl_tm) {
+  acc_t a = 0, b = 0;
+  for (int64_t i = 0; i < n; ++i) kd::jsd_accumulate(s[i], t[i], stats, inv_t, log_beta, log_1m_beta, a, b);
+  kl_sm += a;
+  kl_tm += b;
+}
+
+template <Divergence D, bool WS, bool WT, typename acc_t>
+KDOPS_CPU_CLONES void grad_chunk(const acc_t* s, const acc_t* t, int64_t n, const kd::GradRow<acc_t>& g, acc_t* gs,
+                                 acc_t* gt) {
+  const kd::GradRow<acc_t> gl = g;  // a local copy lets the compiler keep the constants in registers
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t a, b;
+    kd::grad_elem<D>(gl, s[i], t[i], a, b);
+    if (WS) gs[i] = a;
+    if (WT) gt[i] = b;
+  }
+}
+
+// Calls fn(begin, end) over the classes of a row, leaving out `skip` (the DKD target) when >= 0.
+template <typename F>
+void for_each_chunk(int64_t C, int64_t skip, F&& fn) {
+  const int64_t cut = skip >= 0 ? skip : C;
+  for (int64_t c0 = 0; c0 < cut; c0 += kChunk) fn(c0, std::min(cut, c0 + kChunk));
+  for (int64_t c0 = cut + 1; c0 < C; c0 += kChunk) fn(c0, std::min(C, c0 + kChunk));
+}
+
+int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+}
+
+template <typename scalar_t, Divergence D>
+void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_t* target, int64_t N, int64_t C,
+                  double temperature, double w1, double w2, int64_t ignore_index, scalar_t* loss,
+                  at::opmath_type<scalar_t>* stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_t = acc_t(1) / acc_t(temperature);
+  const acc_t lw1 = log_(acc_t(w1)), lw2 = log_(acc_t(w2));
+  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
+    ChunkReader<scalar_t, acc_t> rs, rt;
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* st_row = stats + r * kd::kNumStats;
+      const int64_t y = target != nullptr ? target[r] : -1;
+      if (target != nullptr && y == ignore_index) {
+        loss[r] = scalar_t(0);
+        std::fill(st_row, st_row + kd::kNumStats, acc_t(0));
+        continue;
+      }
+      TORCH_CHECK(D != Divergence::DKD || (y >= 0 && y < C), "kdops.kd_div: target value ", y, " at row ", r,
+                  " is out of range [0, ", C, ") and is not ignore_index (", ignore_index, ")");
+      const scalar_t* s = student + r * C;
+      const scalar_t* t = teacher + r * C;
+      const int64_t skip = D == Divergence::DKD ? y : -1;
+      RowState<acc_t> state = RowState<acc_t>::empty();
+      for_each_chunk(C, skip, [&](int64_t c0, int64_t c1) {
+        const acc_t* cs = rs.read(s + c0, c1 - c0);
+        const acc_t* ct = rt.read(t + c0, c1 - c0);
+        state = kd::merge(state, chunk_state<acc_t>(cs, ct, c1 - c0, inv_t), inv_t);
+      });
+      const acc_t xs_y = skip >= 0 ? acc_t(s[skip]) : acc_t(0);
+      const acc_t xt_y = skip >= 0 ? acc_t(t[skip]) : acc_t(0);
+      acc_t value = kd::finish_row<D>(state, inv_t, acc_t(w1), acc_t(w2), xs_y, xt_y, st_row);
+      if (D == Divergence::JSD) {
+        acc_t kl_sm = 0, kl_tm = 0;
+        for_each_chunk(C, -1, [&](int64_t c0, int64_t c1) {
+          const acc_t* cs = rs.read(s + c0, c1 - c0);
+          const acc_t* ct = rt.read(t + c0, c1 - c0);
+          jsd_chunk<acc_t>(cs, ct, c1 - c0, st_row, inv_t, lw1, lw2, kl_sm, kl_tm);
+        });
+        value = kd::jsd_finish(kl_sm, kl_tm, acc_t(w1), st_row);
+      }
+      loss[r] = static_cast<scalar_t>(value);
+    }
+  });
+}
+
+template <typename scalar_t, Divergence D, bool WS, bool WT>
+void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t* teacher, const int64_t* target,
+                   const at::opmath_type<scalar_t>* stats, int64_t N, int64_t C, double temperature, double w1,
+                   double w2, int64_t ignore_index, scalar_t* grad_s, scalar_t* grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_t = acc_t(1) / acc_t(temperature);
+  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
+    ChunkReader<scalar_t, acc_t> rs, rt;
+    ChunkWriter<scalar_t, acc_t> ws, wt;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t y = target != nullptr ? target[r] : -1;
+      scalar_t* gs_row = WS ? grad_s + r * C : nullptr;
+      scalar_t* gt_row = WT ? grad_t + r * C : nullptr;
+      if (target != nullptr && y == ignore_index) {
+        if (WS) std::fill(gs_row, gs_row + C, scalar_t(0));
+        if (WT) std::fill(gt_row, gt_row + C, scalar_t(0));
+        continue;
+      }
+      TORCH_CHECK(D != Divergence::DKD || (y >= 0 && y < C), "kdops.kd_div_backward: target value ", y,
+                  " at row ", r, " is out of range [0, ", C, ")");
+      const scalar_t* s = student + r * C;
+      const scalar_t* t = teacher + r * C;
+      const acc_t xs_y = D == Divergence::DKD ? acc_t(s[y]) : acc_t(0);
+      const acc_t xt_y = D == Divergence::DKD ? acc_t(t[y]) : acc_t(0);
+      const kd::GradRow<acc_t> g = kd::grad_row<D>(stats + r * kd::kNumStats, acc_t(grad[r]), inv_t, acc_t(w1),
+                                                   acc_t(w2), xs_y, xt_y);
+      for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+        const int64_t n = std::min(C, c0 + kChunk) - c0;
+        acc_t* ds = WS ? ws.dest(gs_row + c0) : nullptr;
+        acc_t* dt = WT ? wt.dest(gt_row + c0) : nullptr;
+        grad_chunk<D, WS, WT, acc_t>(rs.read(s + c0, n), rt.read(t + c0, n), n, g, ds, dt);
+        if (D == Divergence::DKD && y >= c0 && y < c0 + n) {
+          if (WS) ds[y - c0] = g.gs_y;
+          if (WT) dt[y - c0] = g.gt_y;
+        }
+        if (WS) ws.flush(gs_row + c0, n);
+        if (WT) wt.flush(gt_row + c0, n);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_div_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& target, double temperature,
+                                              std::string_view divergence, double alpha, double beta,
+                                              int64_t ignore_index) {
+  const Divergence div = kd::parse_divergence(divergence);
+  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
+  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const std::optional<at::Tensor> y = target.has_value() ? std::optional<at::Tensor>(target->contiguous()) : std::nullopt;
+  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
+  at::Tensor loss = at::empty(row_shape, student.options());
+  std::vector<int64_t> stats_shape(row_shape.begin(), row_shape.end());
+  stats_shape.push_back(kd::kNumStats);
+  at::Tensor stats = at::empty(stats_shape, student.options().dtype(at::toOpMathType(student.scalar_type())));
+  const int64_t N = loss.numel();
+  if (N == 0 || C == 0) {
+    loss.zero_();
+    return {loss, stats.zero_()};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    kd::dispatch_divergence(div, [&](auto dc) {
+      forward_rows<scalar_t, decltype(dc)::value>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                                  y ? y->const_data_ptr<int64_t>() : nullptr, N, C, temperature, w1,
+                                                  w2, ignore_index, loss.mutable_data_ptr<scalar_t>(),
+                                                  stats.mutable_data_ptr<acc_t>());
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
+                                                       const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                                                       const at::Tensor& stats, double temperature,
+                                                       std::string_view divergence, double alpha, double beta,
+                                                       int64_t ignore_index, bool student_grad, bool teacher_grad) {
+  const Divergence div = kd::parse_divergence(divergence);
+  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
+  kd::check_backward(grad, student, stats);
+  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), st = stats.contiguous();
+  const at::Tensor g = grad.contiguous();
+  const std::optional<at::Tensor> y = target.has_value() ? std::optional<at::Tensor>(target->contiguous()) : std::nullopt;
+  at::Tensor grad_s = student_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  at::Tensor grad_t = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
+  const int64_t N = C > 0 ? s.numel() / C : 0;
+  if (N == 0 || C == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    kd::dispatch_divergence(div, [&](auto dc) {
+      constexpr Divergence D = decltype(dc)::value;
+      auto run = [&](auto ws, auto wt) {
+        backward_rows<scalar_t, D, decltype(ws)::value, decltype(wt)::value>(
+            g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+            y ? y->const_data_ptr<int64_t>() : nullptr, st.const_data_ptr<acc_t>(), N, C, temperature, w1, w2,
+            ignore_index, student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
+            teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
+      };
+      if (student_grad && teacher_grad) {
+        run(std::true_type{}, std::true_type{});
+      } else if (student_grad) {
+        run(std::true_type{}, std::false_type{});
+      } else {
+        run(std::false_type{}, std::true_type{});
+      }
+    });
+  });
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdops
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("kd_div", &kdops::cpu::kd_div_cpu);
+  m.impl("kd_div_backward", &kdops::cpu::kd_div_backward_cpu);
+}

@@ -1,0 +1,279 @@
+// Math of the response-based (logit) divergences: Hinton KD, reverse KL, JSD and DKD.
+//
+// Every kernel, CPU or CUDA, is built from these functions; only the loops and reductions around them
+// differ per device. Notation: s = z_s / T, t = z_t / T row-wise, p = softmax. Maxima are kept in raw
+// logit units and arguments are formed as (z - m) / T, which keeps precision for logits near 1e4.
+#pragma once
+
+#include "kdops/common.h"
+
+namespace kdops {
+namespace kd {
+
+enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2, DKD = 3 };
+
+// Per-row statistics the forward saves for the backward:
+// [m_s, log Z_s, m_t, log Z_t, v1, v2] with Z = sum exp((z - m) / T) (over non-target classes for DKD),
+// v1 = KL(p_t||p_s) | KL(p_s||p_t) | KL(p_s||m) | NCKD, v2 = KL(p_t||m) for JSD, else 0.
+constexpr int kNumStats = 6;
+
+// Online log-sum-exp state of one row of student and teacher logits over the classes seen so far.
+template <typename acc_t>
+struct RowState {
+  acc_t ms, mt;  // running maxima (raw logits)
+  acc_t zs, zt;  // sum of exp((z - m) / T)
+  acc_t at;      // sum of e_t * (t - s): E_pt[t - s] * zt
+  acc_t as;      // sum of e_s * (s - t): E_ps[s - t] * zs
+
+  KDOPS_HOST_DEVICE static RowState empty() {
+    return {neg_inf<acc_t>(), neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  }
+};
+
+// A maximum usable as a shift: an all -inf chunk has max -inf, and (-inf) - (-inf) would be NaN.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t shift_of(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
+// Adds one element to sums taken with fixed shifts ms, mt (the vectorised inner loop on the CPU).
+// Terms whose probability is 0 are dropped so that -inf logits contribute 0, not NaN.
+template <typename acc_t>
+KDOPS_HOST_DEVICE void accumulate(acc_t xs, acc_t xt, acc_t ms, acc_t mt, acc_t inv_t, acc_t& zs, acc_t& zt,
+                                  acc_t& at, acc_t& as) {
+  const acc_t es = exp_((xs - ms) * inv_t);
+  const acc_t et = exp_((xt - mt) * inv_t);
+  const acc_t d = (xt - xs) * inv_t;
+  zs += es;
+  zt += et;
+  at += et > acc_t(0) ? et * d : acc_t(0);
+  as += es > acc_t(0) ? -es * d : acc_t(0);
+}
+
+// Merges the sums (m_o, z_o, a_o) into (m, z, a): both taken over disjoint sets of classes.
+template <typename acc_t>
+KDOPS_HOST_DEVICE void merge_one(acc_t& m, acc_t& z, acc_t& a, acc_t m_o, acc_t z_o, acc_t a_o, acc_t inv_t) {
+  const acc_t mn = max_of(m, m_o);
+  if (mn == neg_inf<acc_t>()) return;
+  const acc_t r = exp_((m - mn) * inv_t);
+  const acc_t r_o = exp_((m_o - mn) * inv_t);
+  z = z * r + z_o * r_o;
+  a = (r > acc_t(0) ? a * r : acc_t(0)) + (r_o > acc_t(0) ? a_o * r_o : acc_t(0));
+  m = mn;
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE RowState<acc_t> merge(RowState<acc_t> x, const RowState<acc_t>& y, acc_t inv_t) {
+  merge_one(x.ms, x.zs, x.as, y.ms, y.zs, y.as, inv_t);
+  merge_one(x.mt, x.zt, x.at, y.mt, y.zt, y.at, inv_t);
+  return x;
+}
+
+// Adds one element with a running maximum (one exp per element): the per-thread loop on CUDA.
+template <typename acc_t>
+KDOPS_HOST_DEVICE void push_one(acc_t x, acc_t v, acc_t inv_t, acc_t& m, acc_t& z, acc_t& a) {
+  if (x > m) {
+    const acc_t r = exp_((m - x) * inv_t);
+    z = z * r + acc_t(1);
+    a = (r > acc_t(0) ? a * r : acc_t(0)) + v;
+    m = x;
+  } else if (x > neg_inf<acc_t>()) {
+    const acc_t e = exp_((x - m) * inv_t);
+    z += e;
+    a += e > acc_t(0) ? e * v : acc_t(0);
+  }
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE void push(RowState<acc_t>& st, acc_t xs, acc_t xt, acc_t inv_t) {
+  const acc_t d = (xt - xs) * inv_t;
+  push_one(xs, -d, inv_t, st.ms, st.zs, st.as);
+  push_one(xt, d, inv_t, st.mt, st.zt, st.at);
+}
+
+// KL(p_t || p_s) from the row state; 0 over an empty set of classes.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t kl_teacher_student(const RowState<acc_t>& st, acc_t inv_t) {
+  if (!(st.zt > acc_t(0))) return acc_t(0);
+  return st.at / st.zt + (st.ms - st.mt) * inv_t + log_(st.zs) - log_(st.zt);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t) {
+  if (!(st.zs > acc_t(0))) return acc_t(0);
+  return st.as / st.zs + (st.mt - st.ms) * inv_t + log_(st.zt) - log_(st.zs);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE void store_stats(const RowState<acc_t>& st, acc_t v1, acc_t v2, acc_t* out) {
+  out[0] = st.ms;
+  out[1] = log_(st.zs);
+  out[2] = st.mt;
+  out[3] = log_(st.zt);
+  out[4] = v1;
+  out[5] = v2;
+}
+
+// ---- JSD: needs the normalisers first, so its forward makes a second pass over the row. ----
+// log m with m = beta * p_t + (1 - beta) * p_s, from log-probabilities.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t log_mixture(acc_t ls, acc_t lt, acc_t log_beta, acc_t log_1m_beta) {
+  return logaddexp_(lt + log_beta, ls + log_1m_beta);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE void jsd_accumulate(acc_t xs, acc_t xt, const acc_t* stats, acc_t inv_t, acc_t log_beta,
+                                      acc_t log_1m_beta, acc_t& kl_sm, acc_t& kl_tm) {
+  const acc_t ls = (xs - stats[0]) * inv_t - stats[1];
+  const acc_t lt = (xt - stats[2]) * inv_t - stats[3];
+  const acc_t lm = log_mixture(ls, lt, log_beta, log_1m_beta);
+  const acc_t ps = exp_(ls);
+  const acc_t pt = exp_(lt);
+  kl_sm += ps > acc_t(0) ? ps * (ls - lm) : acc_t(0);
+  kl_tm += pt > acc_t(0) ? pt * (lt - lm) : acc_t(0);
+}
+
+// ---- DKD (decoupled KD): target-class part on binary distributions, non-target part on the rest. ----
+template <typename acc_t>
+struct DkdRow {
+  acc_t lbs_y, lbs_n, lbt_y, lbt_n;  // log of [p_y, 1 - p_y] for student and teacher
+  acc_t tckd;
+  acc_t dr;  // (log bt_y - log bs_y) - (log bt_n - log bs_n), terms with bt = 0 dropped
+};
+
+// m, log_z: the row's non-target maximum and log-normaliser; x_y: the target logit.
+template <typename acc_t>
+KDOPS_HOST_DEVICE void binary_log_probs(acc_t m, acc_t log_z, acc_t x_y, acc_t inv_t, acc_t& lb_y, acc_t& lb_n) {
+  if (log_z == neg_inf<acc_t>()) {  // C == 1: the target holds all the mass
+    lb_y = acc_t(0);
+    lb_n = neg_inf<acc_t>();
+    return;
+  }
+  const acc_t u = (x_y - m) * inv_t;
+  const acc_t lse = logaddexp_(u, log_z);
+  lb_y = u - lse;
+  lb_n = log_z - lse;
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE DkdRow<acc_t> dkd_row(const acc_t* stats, acc_t xs_y, acc_t xt_y, acc_t inv_t) {
+  DkdRow<acc_t> r;
+  binary_log_probs(stats[0], stats[1], xs_y, inv_t, r.lbs_y, r.lbs_n);
+  binary_log_probs(stats[2], stats[3], xt_y, inv_t, r.lbt_y, r.lbt_n);
+  const acc_t bt_y = exp_(r.lbt_y), bt_n = exp_(r.lbt_n);
+  const acc_t ry = bt_y > acc_t(0) ? r.lbt_y - r.lbs_y : acc_t(0);
+  const acc_t rn = bt_n > acc_t(0) ? r.lbt_n - r.lbs_n : acc_t(0);
+  r.tckd = bt_y * ry + bt_n * rn;
+  r.dr = ry - rn;
+  return r;
+}
+
+// ---- Backward. `scale` is grad_row / T; the rest of a row's constants come from its saved stats. ----
+template <typename acc_t>
+struct GradRow {
+  acc_t ms, lzs, mt, lzt, v1, v2;
+  acc_t inv_t, scale;
+  acc_t w1, w2;  // JSD: beta, 1 - beta (and their logs in lw1, lw2). DKD: alpha, beta
+  acc_t lw1, lw2;
+  // DKD only: gradient coefficients of the target-class part
+  acc_t ds_n;      // bs_n - bt_n
+  acc_t ct;        // bt_y * bt_n * dr
+  acc_t gs_y, gt_y;  // gradients at the target class
+};
+
+template <Divergence D, typename acc_t>
+KDOPS_HOST_DEVICE GradRow<acc_t> grad_row(const acc_t* stats, acc_t grad, acc_t inv_t, acc_t w1, acc_t w2, acc_t xs_y,
+                                          acc_t xt_y) {
+  GradRow<acc_t> g;
+  g.ms = stats[0];
+  g.lzs = stats[1];
+  g.mt = stats[2];
+  g.lzt = stats[3];
+  g.v1 = stats[4];
+  g.v2 = stats[5];
+  g.inv_t = inv_t;
+  g.scale = grad * inv_t;
+  g.w1 = w1;
+  g.w2 = w2;
+  g.lw1 = g.lw2 = g.ds_n = g.ct = g.gs_y = g.gt_y = acc_t(0);
+  if (D == Divergence::JSD) {
+    g.w1 = w1;
+    g.w2 = acc_t(1) - w1;
+    g.lw1 = log_(g.w1);
+    g.lw2 = log_(g.w2);
+  }
+  if (D == Divergence::DKD) {
+    const DkdRow<acc_t> r = dkd_row(stats, xs_y, xt_y, inv_t);
+    const acc_t bs_y = exp_(r.lbs_y), bs_n = exp_(r.lbs_n);
+    const acc_t bt_y = exp_(r.lbt_y), bt_n = exp_(r.lbt_n);
+    g.ds_n = bs_n - bt_n;
+    g.ct = bt_y * bt_n * r.dr;
+    g.gs_y = g.scale * w1 * (bs_y - bt_y);
+    g.gt_y = g.scale * w1 * g.ct;
+  }
+  return g;
+}
+
+// Gradients of one element (for DKD: of a non-target element; the target one is g.gs_y / g.gt_y).
+template <Divergence D, typename acc_t>
+KDOPS_HOST_DEVICE void grad_elem(const GradRow<acc_t>& g, acc_t xs, acc_t xt, acc_t& gs, acc_t& gt) {
+  const acc_t ls = (xs - g.ms) * g.inv_t - g.lzs;
+  const acc_t lt = (xt - g.mt) * g.inv_t - g.lzt;
+  const acc_t ps = exp_(ls);
+  const acc_t pt = exp_(lt);
+  if (D == Divergence::KL) {
+    gs = ps - pt;
+    gt = pt > acc_t(0) ? pt * ((lt - ls) - g.v1) : acc_t(0);
+  } else if (D == Divergence::ReverseKL) {
+    gs = ps > acc_t(0) ? ps * ((ls - lt) - g.v1) : acc_t(0);
+    gt = pt - ps;
+  } else if (D == Divergence::JSD) {
+    const acc_t lm = log_mixture(ls, lt, g.lw1, g.lw2);
+    gs = ps > acc_t(0) ? g.w2 * ps * ((ls - lm) - g.v1) : acc_t(0);
+    gt = pt > acc_t(0) ? g.w1 * pt * ((lt - lm) - g.v2) : acc_t(0);
+  } else {  // DKD, non-target class: ps, pt are the non-target distributions q
+    gs = g.w1 * ps * g.ds_n + g.w2 * (ps - pt);
+    gt = -g.w1 * pt * g.ct + (pt > acc_t(0) ? g.w2 * pt * ((lt - ls) - g.v1) : acc_t(0));
+  }
+  gs *= g.scale;
+  gt *= g.scale;
+}
+
+}  // namespace kd
+}  // namespace kdops
+
+namespace kdops {
+namespace kd {
+
+// Row loss from a finished row state; writes the row's stats. JSD returns 0 here and is completed by
+// jsd_finish after its second pass.
+template <Divergence D, typename acc_t>
+KDOPS_HOST_DEVICE acc_t finish_row(const RowState<acc_t>& st, acc_t inv_t, acc_t w1, acc_t w2, acc_t xs_y, acc_t xt_y,
+                                   acc_t* stats) {
+  if (D == Divergence::KL) {
+    const acc_t v = kl_teacher_student(st, inv_t);
+    store_stats(st, v, acc_t(0), stats);
+    return v;
+  } else if (D == Divergence::ReverseKL) {
+    const acc_t v = kl_student_teacher(st, inv_t);
+    store_stats(st, v, acc_t(0), stats);
+    return v;
+  } else if (D == Divergence::DKD) {
+    const acc_t nckd = kl_teacher_student(st, inv_t);
+    store_stats(st, nckd, acc_t(0), stats);
+    return w1 * dkd_row(stats, xs_y, xt_y, inv_t).tckd + w2 * nckd;
+  } else {
+    store_stats(st, acc_t(0), acc_t(0), stats);
+    return acc_t(0);
+  }
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t jsd_finish(acc_t kl_sm, acc_t kl_tm, acc_t beta, acc_t* stats) {
+  stats[4] = kl_sm;
+  stats[5] = kl_tm;
+  return beta * kl_tm + (acc_t(1) - beta) * kl_sm;
+}
+
+}  // namespace kd
+}  // namespace kdops

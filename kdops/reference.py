@@ -1,0 +1,86 @@
+"""Pure-PyTorch reference losses: the definitions the kdops ops are tested and benchmarked against.
+
+Written the way the published code computes them (``F.kl_div`` over ``log_softmax``), in the input
+dtype, with the same arguments and reductions as :mod:`kdops.functional`. No fusion, no tricks.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _reduce(rows, reduction, target, ignore_index, num_classes):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    kept = rows.numel() if target is None else max(int((target != ignore_index).sum()), 1)
+    if reduction == "batchmean":
+        return rows.sum() / kept
+    if reduction == "mean":
+        return rows.sum() / (kept * num_classes)
+    raise ValueError("unknown reduction %r" % (reduction,))
+
+
+def _mask_rows(rows, target, ignore_index):
+    return rows if target is None else rows.masked_fill(target == ignore_index, 0.0)
+
+
+def _kl_rows(log_p, log_q):
+    """KL(p || q) per row from log-probabilities."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmean", scale_t2=True, target=None,
+            ignore_index=-100):
+    T = temperature
+    ls = F.log_softmax(student_logits / T, dim=-1)
+    lt = F.log_softmax(teacher_logits / T, dim=-1)
+    rows = _mask_rows(_kl_rows(lt, ls), target, ignore_index)
+    return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T if scale_t2 else 1.0)
+
+
+def reverse_kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmean", scale_t2=True,
+                    target=None, ignore_index=-100):
+    T = temperature
+    ls = F.log_softmax(student_logits / T, dim=-1)
+    lt = F.log_softmax(teacher_logits / T, dim=-1)
+    rows = _mask_rows(_kl_rows(ls, lt), target, ignore_index)
+    return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T if scale_t2 else 1.0)
+
+
+def jsd_loss(student_logits, teacher_logits, temperature=4.0, beta=0.5, reduction="batchmean", scale_t2=True,
+             target=None, ignore_index=-100):
+    T = temperature
+    ps = F.softmax(student_logits / T, dim=-1)
+    pt = F.softmax(teacher_logits / T, dim=-1)
+    log_m = (beta * pt + (1.0 - beta) * ps).log()
+    kl_tm = F.kl_div(log_m, pt, reduction="none").sum(-1)
+    kl_sm = F.kl_div(log_m, ps, reduction="none").sum(-1)
+    rows = _mask_rows(beta * kl_tm + (1.0 - beta) * kl_sm, target, ignore_index)
+    return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T if scale_t2 else 1.0)
+
+
+def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0, reduction="batchmean",
+             ignore_index=-100):
+    """DKD as in mdistiller, with the target class left out of NCKD exactly (see kdops.functional.dkd_loss)."""
+    T = temperature
+    y = target.clamp_min(0).unsqueeze(-1)  # ignored rows are masked at the end
+    gt = torch.zeros_like(student_logits, dtype=torch.bool).scatter_(-1, y, True)
+
+    def binary_log_probs(z):
+        lse = torch.logsumexp(z / T, dim=-1)
+        log_y = (z / T).gather(-1, y).squeeze(-1) - lse
+        log_rest = torch.logsumexp((z / T).masked_fill(gt, float("-inf")), dim=-1) - lse
+        return torch.stack([log_y, log_rest], dim=-1)
+
+    lbs, lbt = binary_log_probs(student_logits), binary_log_probs(teacher_logits)
+    bt = lbt.exp()
+    tckd = torch.where(bt > 0, bt * (lbt - lbs), torch.zeros_like(bt)).sum(-1)
+
+    lqs = F.log_softmax((student_logits / T).masked_fill(gt, float("-inf")), dim=-1)
+    lqt = F.log_softmax((teacher_logits / T).masked_fill(gt, float("-inf")), dim=-1)
+    qt = lqt.exp()
+    nckd = torch.where(gt, torch.zeros_like(qt), qt * (lqt - lqs)).sum(-1)
+
+    rows = _mask_rows(alpha * tckd + beta * nckd, target, ignore_index)
+    return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T)
