@@ -159,10 +159,12 @@ def extensions(cfg):
 
     sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if cfg["debug"] else ["-O3"]
-    # -fno-trapping-math lets GCC if-convert the guarded terms (p > 0 ? p * x : 0) and vectorise the loops.
-    cxx = opt + ["-fopenmp-simd", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless the extension itself is built with it
+    # (libgomp then resolves to the one torch already loaded). -fno-trapping-math lets GCC if-convert the
+    # guarded terms (p > 0 ? p * x : 0) and vectorise those loops.
+    cxx = opt + ["-fopenmp", "-fno-trapping-math"]
     macros = [("KDOPS_WITH_CUDA", "1" if cfg["use_cuda"] else "0")]
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros, extra_link_args=["-fopenmp"])
     if cfg["use_cuda"]:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"] + (["-G"] if cfg["debug"] else [])
