@@ -4,6 +4,8 @@ Written the way the published code computes them (``F.kl_div`` over ``log_softma
 dtype, with the same arguments and reductions as :mod:`kdops.functional`. No fusion, no tricks.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,11 +53,13 @@ def reverse_kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="
 def jsd_loss(student_logits, teacher_logits, temperature=4.0, beta=0.5, reduction="batchmean", scale_t2=True,
              target=None, ignore_index=-100):
     T = temperature
-    ps = F.softmax(student_logits / T, dim=-1)
-    pt = F.softmax(teacher_logits / T, dim=-1)
-    log_m = (beta * pt + (1.0 - beta) * ps).log()
-    kl_tm = F.kl_div(log_m, pt, reduction="none").sum(-1)
-    kl_sm = F.kl_div(log_m, ps, reduction="none").sum(-1)
+    ls = F.log_softmax(student_logits / T, dim=-1)
+    lt = F.log_softmax(teacher_logits / T, dim=-1)
+    # log m = log(beta * p_t + (1 - beta) * p_s), formed from log-probabilities so tails do not underflow
+    log_w = [math.log(w) if w > 0 else float("-inf") for w in (beta, 1.0 - beta)]
+    log_m = torch.logaddexp(lt + log_w[0], ls + log_w[1])
+    kl_tm = _kl_rows(lt, log_m)
+    kl_sm = _kl_rows(ls, log_m)
     rows = _mask_rows(beta * kl_tm + (1.0 - beta) * kl_sm, target, ignore_index)
     return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T if scale_t2 else 1.0)
 
@@ -65,22 +69,21 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     """DKD as in mdistiller, with the target class left out of NCKD exactly (see kdops.functional.dkd_loss)."""
     T = temperature
     y = target.clamp_min(0).unsqueeze(-1)  # ignored rows are masked at the end
-    gt = torch.zeros_like(student_logits, dtype=torch.bool).scatter_(-1, y, True)
+    cols = torch.arange(student_logits.shape[-1] - 1, device=student_logits.device)
+    non_target = cols + (cols >= y).long()  # indices of the C - 1 other classes, per row
 
     def binary_log_probs(z):
         lse = torch.logsumexp(z / T, dim=-1)
         log_y = (z / T).gather(-1, y).squeeze(-1) - lse
-        log_rest = torch.logsumexp((z / T).masked_fill(gt, float("-inf")), dim=-1) - lse
+        log_rest = torch.logsumexp((z / T).gather(-1, non_target), dim=-1) - lse
         return torch.stack([log_y, log_rest], dim=-1)
 
     lbs, lbt = binary_log_probs(student_logits), binary_log_probs(teacher_logits)
-    bt = lbt.exp()
-    tckd = torch.where(bt > 0, bt * (lbt - lbs), torch.zeros_like(bt)).sum(-1)
+    tckd = (lbt.exp() * torch.where(lbt > float("-inf"), lbt - lbs, torch.zeros_like(lbt))).sum(-1)
 
-    lqs = F.log_softmax((student_logits / T).masked_fill(gt, float("-inf")), dim=-1)
-    lqt = F.log_softmax((teacher_logits / T).masked_fill(gt, float("-inf")), dim=-1)
-    qt = lqt.exp()
-    nckd = torch.where(gt, torch.zeros_like(qt), qt * (lqt - lqs)).sum(-1)
+    lqs = F.log_softmax((student_logits / T).gather(-1, non_target), dim=-1)
+    lqt = F.log_softmax((teacher_logits / T).gather(-1, non_target), dim=-1)
+    nckd = _kl_rows(lqt, lqs)
 
     rows = _mask_rows(alpha * tckd + beta * nckd, target, ignore_index)
     return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T)

@@ -14,7 +14,10 @@ enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2, DKD = 3 };
 
 // Per-row statistics the forward saves for the backward:
 // [m_s, log Z_s, m_t, log Z_t, v1, v2] with Z = sum exp((z - m) / T) (over non-target classes for DKD),
-// v1 = KL(p_t||p_s) | KL(p_s||p_t) | KL(p_s||m) | NCKD, v2 = KL(p_t||m) for JSD, else 0.
+// v1 = E_pt[t - s] (KL, DKD: over the non-target classes) | E_ps[s - t] (reverse KL) | KL(p_s||m) (JSD),
+// v2 = KL(p_t||m) for JSD, else 0. The expectations, not the KL values, feed the backward: the teacher
+// gradient of KL is p_t * ((t - s) - E_pt[t - s]), in which the log-normalisers cancel exactly, so large
+// logits lose no precision to them.
 constexpr int kNumStats = 6;
 
 // Online log-sum-exp state of one row of student and teacher logits over the classes seen so far.
@@ -102,6 +105,17 @@ template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t) {
   if (!(st.zs > acc_t(0))) return acc_t(0);
   return st.as / st.zs + (st.mt - st.ms) * inv_t + log_(st.zt) - log_(st.zs);
+}
+
+// E_pt[t - s] and E_ps[s - t] from the row state; 0 over an empty set of classes.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t mean_t_minus_s(const RowState<acc_t>& st) {
+  return st.zt > acc_t(0) ? st.at / st.zt : acc_t(0);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t mean_s_minus_t(const RowState<acc_t>& st) {
+  return st.zs > acc_t(0) ? st.as / st.zs : acc_t(0);
 }
 
 template <typename acc_t>
@@ -221,11 +235,12 @@ KDOPS_HOST_DEVICE void grad_elem(const GradRow<acc_t>& g, acc_t xs, acc_t xt, ac
   const acc_t lt = (xt - g.mt) * g.inv_t - g.lzt;
   const acc_t ps = exp_(ls);
   const acc_t pt = exp_(lt);
+  const acc_t d = (xt - xs) * g.inv_t;
   if (D == Divergence::KL) {
     gs = ps - pt;
-    gt = pt > acc_t(0) ? pt * ((lt - ls) - g.v1) : acc_t(0);
+    gt = pt > acc_t(0) ? pt * (d - g.v1) : acc_t(0);
   } else if (D == Divergence::ReverseKL) {
-    gs = ps > acc_t(0) ? ps * ((ls - lt) - g.v1) : acc_t(0);
+    gs = ps > acc_t(0) ? ps * (-d - g.v1) : acc_t(0);
     gt = pt - ps;
   } else if (D == Divergence::JSD) {
     const acc_t lm = log_mixture(ls, lt, g.lw1, g.lw2);
@@ -233,7 +248,7 @@ KDOPS_HOST_DEVICE void grad_elem(const GradRow<acc_t>& g, acc_t xs, acc_t xt, ac
     gt = pt > acc_t(0) ? g.w1 * pt * ((lt - lm) - g.v2) : acc_t(0);
   } else {  // DKD, non-target class: ps, pt are the non-target distributions q
     gs = g.w1 * ps * g.ds_n + g.w2 * (ps - pt);
-    gt = -g.w1 * pt * g.ct + (pt > acc_t(0) ? g.w2 * pt * ((lt - ls) - g.v1) : acc_t(0));
+    gt = -g.w1 * pt * g.ct + (pt > acc_t(0) ? g.w2 * pt * (d - g.v1) : acc_t(0));
   }
   gs *= g.scale;
   gt *= g.scale;
@@ -251,17 +266,14 @@ template <Divergence D, typename acc_t>
 KDOPS_HOST_DEVICE acc_t finish_row(const RowState<acc_t>& st, acc_t inv_t, acc_t w1, acc_t w2, acc_t xs_y, acc_t xt_y,
                                    acc_t* stats) {
   if (D == Divergence::KL) {
-    const acc_t v = kl_teacher_student(st, inv_t);
-    store_stats(st, v, acc_t(0), stats);
-    return v;
+    store_stats(st, mean_t_minus_s(st), acc_t(0), stats);
+    return kl_teacher_student(st, inv_t);
   } else if (D == Divergence::ReverseKL) {
-    const acc_t v = kl_student_teacher(st, inv_t);
-    store_stats(st, v, acc_t(0), stats);
-    return v;
+    store_stats(st, mean_s_minus_t(st), acc_t(0), stats);
+    return kl_student_teacher(st, inv_t);
   } else if (D == Divergence::DKD) {
-    const acc_t nckd = kl_teacher_student(st, inv_t);
-    store_stats(st, nckd, acc_t(0), stats);
-    return w1 * dkd_row(stats, xs_y, xt_y, inv_t).tckd + w2 * nckd;
+    store_stats(st, mean_t_minus_s(st), acc_t(0), stats);
+    return w1 * dkd_row(stats, xs_y, xt_y, inv_t).tckd + w2 * kl_teacher_student(st, inv_t);
   } else {
     store_stats(st, acc_t(0), acc_t(0), stats);
     return acc_t(0);
