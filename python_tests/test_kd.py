@@ -186,6 +186,18 @@ def test_huge_logits_stay_finite_and_exact(device, name):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("shape", [(8, 5000), (1024, 8200)], ids=["multi-chunk", "streaming-over-64MiB"])
+def test_long_rows_with_late_large_maxima(device, name, shape):
+    # Rows span several CPU chunks; maxima jump by hundreds (in units of z / T) in later chunks, which
+    # sends the single-pass CPU path back to a two-pass chunk. The larger shape takes the streaming path.
+    s, t = logits(shape, device), logits(shape, device)
+    s[:, 4100], t[:, 2500], t[:, 4600] = 300.0, -300.0, 250.0
+    y = torch.randint(0, shape[-1], shape[:-1], device=device)
+    assert_close_to_reference(name, s, t, y if name == "dkd" else None, temperature=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_equal_logits_give_zero(device, name):
     s = torch.full((4, 9), 2.5, device=device)
     out, gs, gt = loss_and_grads(LOSSES[name][0], name, s, s.clone(), torch.zeros(4, dtype=torch.long, device=device))

@@ -24,13 +24,14 @@ namespace {
 using kd::Divergence;
 using kd::RowState;
 
+// Sums of a chunk taken against its own maxima: two passes over the chunk (it stays in L1).
 template <typename acc_t>
 KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
   acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
 #pragma omp simd reduction(max : ms, mt)
   for (int64_t i = 0; i < n; ++i) {
-    ms = max_of(ms, s[i]);
-    mt = max_of(mt, t[i]);
+    ms = s[i] > ms ? s[i] : ms;
+    mt = t[i] > mt ? t[i] : mt;
   }
   const acc_t shift_s = kd::shift_of(ms), shift_t = kd::shift_of(mt);
   acc_t zs = 0, zt = 0, at = 0, as = 0;
@@ -39,6 +40,41 @@ KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int
     kd::accumulate(s[i], t[i], shift_s, shift_t, inv_t, zs, zt, at, as);
   }
   return {ms, mt, zs, zt, at, as};
+}
+
+// Sums of a chunk against given shifts, in one pass that also finds the chunk maxima. Returns false,
+// leaving `out` unspecified, when an element lies more than kMaxLead (in units of z / T) above its shift:
+// the caller then falls back to chunk_state. Below that lead no exp overflows and no sum can leave the
+// float range, and the state's reference point may sit below its maximum (all formulas allow any).
+template <typename acc_t>
+KDOPS_CPU_CLONES bool chunk_state_shifted(const acc_t* s, const acc_t* t, int64_t n, acc_t shift_s, acc_t shift_t,
+                                          acc_t inv_t, RowState<acc_t>& out) {
+  constexpr acc_t kMaxLead = 60;
+  acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
+  acc_t zs = 0, zt = 0, at = 0, as = 0;
+#pragma omp simd reduction(max : ms, mt) reduction(+ : zs, zt, at, as)
+  for (int64_t i = 0; i < n; ++i) {
+    ms = s[i] > ms ? s[i] : ms;
+    mt = t[i] > mt ? t[i] : mt;
+    kd::accumulate(s[i], t[i], shift_s, shift_t, inv_t, zs, zt, at, as);
+  }
+  if (!((ms - shift_s) * inv_t <= kMaxLead && (mt - shift_t) * inv_t <= kMaxLead)) return false;
+  out = {shift_s, shift_t, zs, zt, at, as};
+  return true;
+}
+
+// Folds one chunk into the row state. Shifts come from the state (or the chunk's first element), so a
+// chunk is normally read once; only a chunk that raises a maximum by a lot is read twice.
+template <typename acc_t>
+RowState<acc_t> fold_chunk(const RowState<acc_t>& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
+  const acc_t shift_s = state.ms == neg_inf<acc_t>() ? s[0] : state.ms;
+  const acc_t shift_t = state.mt == neg_inf<acc_t>() ? t[0] : state.mt;
+  RowState<acc_t> chunk;
+  if (shift_s == neg_inf<acc_t>() || shift_t == neg_inf<acc_t>() ||
+      !chunk_state_shifted<acc_t>(s, t, n, shift_s, shift_t, inv_t, chunk)) {
+    chunk = chunk_state<acc_t>(s, t, n, inv_t);
+  }
+  return kd::merge(state, chunk, inv_t);
 }
 
 template <typename acc_t>
@@ -63,6 +99,20 @@ KDOPS_CPU_CLONES void grad_chunk(const acc_t* s, const acc_t* t, int64_t n, cons
   }
 }
 
+// Streaming vs cache-resident inputs. Measured here (2 cores): once the inputs are far larger than the
+// caches, the exp-heavy loops run faster when a cheap pass over each chunk pulls it into L1 first
+// (1024 x 32000 fp32: forward 40 -> 34 ms, backward 43 -> 38 ms); for cache-resident inputs the single
+// pass wins (4096 x 1000: forward 3.8 -> 3.3 ms).
+constexpr int64_t kStreamingBytes = int64_t(64) << 20;
+
+template <typename acc_t>
+KDOPS_CPU_CLONES acc_t touch_chunk(const acc_t* s, const acc_t* t, int64_t n) {
+  acc_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = s[i] + t[i] > m ? s[i] + t[i] : m;
+  return m;
+}
+
 // Calls fn(begin, end) over the classes of a row, leaving out `skip` (the DKD target) when >= 0.
 template <typename F>
 void for_each_chunk(int64_t C, int64_t skip, F&& fn) {
@@ -82,6 +132,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
   const acc_t lw1 = log_(acc_t(w1)), lw2 = log_(acc_t(w2));
+  const bool streaming = 2 * N * C * int64_t(sizeof(scalar_t)) > kStreamingBytes;
   at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
     ChunkReader<scalar_t, acc_t> rs, rt;
     for (int64_t r = r0; r < r1; ++r) {
@@ -101,7 +152,8 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
       for_each_chunk(C, skip, [&](int64_t c0, int64_t c1) {
         const acc_t* cs = rs.read(s + c0, c1 - c0);
         const acc_t* ct = rt.read(t + c0, c1 - c0);
-        state = kd::merge(state, chunk_state<acc_t>(cs, ct, c1 - c0, inv_t), inv_t);
+        state = streaming ? kd::merge(state, chunk_state<acc_t>(cs, ct, c1 - c0, inv_t), inv_t)
+                          : fold_chunk(state, cs, ct, c1 - c0, inv_t);
       });
       const acc_t xs_y = skip >= 0 ? acc_t(s[skip]) : acc_t(0);
       const acc_t xt_y = skip >= 0 ? acc_t(t[skip]) : acc_t(0);
@@ -126,6 +178,7 @@ void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t
                    double w2, int64_t ignore_index, scalar_t* grad_s, scalar_t* grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
+  const bool streaming = 2 * N * C * int64_t(sizeof(scalar_t)) > kStreamingBytes;
   at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
     ChunkReader<scalar_t, acc_t> rs, rt;
     ChunkWriter<scalar_t, acc_t> ws, wt;
@@ -150,7 +203,13 @@ void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t
         const int64_t n = std::min(C, c0 + kChunk) - c0;
         acc_t* ds = WS ? ws.dest(gs_row + c0) : nullptr;
         acc_t* dt = WT ? wt.dest(gt_row + c0) : nullptr;
-        grad_chunk<D, WS, WT, acc_t>(rs.read(s + c0, n), rt.read(t + c0, n), n, g, ds, dt);
+        const acc_t* cs = rs.read(s + c0, n);
+        const acc_t* ct = rt.read(t + c0, n);
+        if (streaming) {
+          volatile acc_t sink = touch_chunk<acc_t>(cs, ct, n);  // volatile: the pass must not be elided
+          (void)sink;
+        }
+        grad_chunk<D, WS, WT, acc_t>(cs, ct, n, g, ds, dt);
         if (D == Divergence::DKD && y >= c0 && y < c0 + n) {
           if (WS) ds[y - c0] = g.gs_y;
           if (WT) dt[y - c0] = g.gt_y;
@@ -209,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
   at::Tensor grad_t = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
   const int64_t N = C > 0 ? s.numel() / C : 0;
   if (N == 0 || C == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
+  for (const at::Tensor* out : {&grad_s, &grad_t}) advise_huge_pages(out->data_ptr(), out->nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kd::dispatch_divergence(div, [&](auto dc) {
