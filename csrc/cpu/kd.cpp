@@ -81,6 +81,7 @@ template <typename acc_t>
 KDOPS_CPU_CLONES void jsd_chunk(const acc_t* s, const acc_t* t, int64_t n, const acc_t* stats, acc_t inv_t,
                                 acc_t log_beta, acc_t log_1m_beta, acc_t& kl_sm, acc_t& kl_tm) {
   acc_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; ++i) kd::jsd_accumulate(s[i], t[i], stats, inv_t, log_beta, log_1m_beta, a, b);
   kl_sm += a;
   kl_tm += b;
