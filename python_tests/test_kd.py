@@ -198,6 +198,16 @@ def test_long_rows_with_late_large_maxima(device, name, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(LOSSES))
+def test_nan_logits_propagate(device, name):
+    s, t = logits((3, 4000), device), logits((3, 4000), device)
+    s[1, 2100] = float("nan")
+    t[2, 7] = float("nan")
+    out = call(LOSSES[name][0], name, s, t, torch.zeros(3, dtype=torch.long, device=device), reduction="none")
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and torch.isnan(out[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_equal_logits_give_zero(device, name):
     s = torch.full((4, 9), 2.5, device=device)
     out, gs, gt = loss_and_grads(LOSSES[name][0], name, s, s.clone(), torch.zeros(4, dtype=torch.long, device=device))

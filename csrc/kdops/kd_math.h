@@ -80,7 +80,7 @@ KDOPS_HOST_DEVICE void push_one(acc_t x, acc_t v, acc_t inv_t, acc_t& m, acc_t& 
     z = z * r + acc_t(1);
     a = (r > acc_t(0) ? a * r : acc_t(0)) + v;
     m = x;
-  } else if (x > neg_inf<acc_t>()) {
+  } else if (x != neg_inf<acc_t>()) {  // NaN lands here and propagates, as on the CPU
     const acc_t e = exp_((x - m) * inv_t);
     z += e;
     a += e > acc_t(0) ? e * v : acc_t(0);
