@@ -28,7 +28,8 @@ KDOPS_HOST_DEVICE T max_of(T a, T b) {
 // exp for float. On the device this is the CUDA library expf. On the host it is a branch-free Cody-Waite
 // reduction with the degree-5 minimax polynomial of Cephes' expf (max relative error 8e-8 on [-87, 88])
 // that the compiler can vectorise inside `omp simd` loops, which libm's expf prevents. Arguments below
-// -87.3 give exactly 0 (also -inf), which the divergence code relies on to drop zero-probability terms.
+// -87.3 give exactly 0 (also -inf), which the divergence code relies on to drop zero-probability terms;
+// NaN gives NaN.
 KDOPS_HOST_DEVICE float exp_(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
@@ -50,7 +51,8 @@ KDOPS_HOST_DEVICE float exp_(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   const float y = e_r * scale;
-  return x < -87.3f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : y);
+  // The clamps above may be compiled to min/max instructions that drop NaN, so NaN is passed on here.
+  return x < -87.3f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : (x == x ? y : x));
 #endif
 }
 

@@ -97,25 +97,25 @@ KDOPS_HOST_DEVICE void push(RowState<acc_t>& st, acc_t xs, acc_t xt, acc_t inv_t
 // KL(p_t || p_s) from the row state; 0 over an empty set of classes.
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t kl_teacher_student(const RowState<acc_t>& st, acc_t inv_t) {
-  if (!(st.zt > acc_t(0))) return acc_t(0);
+  if (st.zt == acc_t(0)) return acc_t(0);  // NaN must not take this exit
   return st.at / st.zt + (st.ms - st.mt) * inv_t + log_(st.zs) - log_(st.zt);
 }
 
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t) {
-  if (!(st.zs > acc_t(0))) return acc_t(0);
+  if (st.zs == acc_t(0)) return acc_t(0);
   return st.as / st.zs + (st.mt - st.ms) * inv_t + log_(st.zt) - log_(st.zs);
 }
 
 // E_pt[t - s] and E_ps[s - t] from the row state; 0 over an empty set of classes.
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t mean_t_minus_s(const RowState<acc_t>& st) {
-  return st.zt > acc_t(0) ? st.at / st.zt : acc_t(0);
+  return st.zt != acc_t(0) ? st.at / st.zt : acc_t(0);
 }
 
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t mean_s_minus_t(const RowState<acc_t>& st) {
-  return st.zs > acc_t(0) ? st.as / st.zs : acc_t(0);
+  return st.zs != acc_t(0) ? st.as / st.zs : acc_t(0);
 }
 
 template <typename acc_t>
