@@ -25,7 +25,7 @@ using kd::Divergence;
 using kd::RowState;
 
 // Sums of a chunk taken against its own maxima: two passes over the chunk (it stays in L1).
-template <typename acc_t>
+template <Divergence D, typename acc_t>
 KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
   acc_t ms = neg_inf<acc_t>(), mt = neg_inf<acc_t>();
 #pragma omp simd reduction(max : ms, mt)
@@ -37,7 +37,7 @@ KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int
   acc_t zs = 0, zt = 0, at = 0, as = 0;
 #pragma omp simd reduction(+ : zs, zt, at, as)
   for (int64_t i = 0; i < n; ++i) {
-    kd::accumulate(s[i], t[i], shift_s, shift_t, inv_t, zs, zt, at, as);
+    kd::accumulate<D>(s[i], t[i], shift_s, shift_t, inv_t, zs, zt, at, as);
   }
   return {ms, mt, zs, zt, at, as};
 }
@@ -46,7 +46,7 @@ KDOPS_CPU_CLONES RowState<acc_t> chunk_state(const acc_t* s, const acc_t* t, int
 // leaving `out` unspecified, when an element lies more than kMaxLead (in units of z / T) above its shift:
 // the caller then falls back to chunk_state. Below that lead no exp overflows and no sum can leave the
 // float range, and the state's reference point may sit below its maximum (all formulas allow any).
-template <typename acc_t>
+template <Divergence D, typename acc_t>
 KDOPS_CPU_CLONES bool chunk_state_shifted(const acc_t* s, const acc_t* t, int64_t n, acc_t shift_s, acc_t shift_t,
                                           acc_t inv_t, RowState<acc_t>& out) {
   constexpr acc_t kMaxLead = 60;
@@ -60,7 +60,7 @@ KDOPS_CPU_CLONES bool chunk_state_shifted(const acc_t* s, const acc_t* t, int64_
     for (int64_t i = b; i < e; ++i) {
       bms = s[i] > bms ? s[i] : bms;
       bmt = t[i] > bmt ? t[i] : bmt;
-      kd::accumulate(s[i], t[i], shift_s, shift_t, inv_t, bzs, bzt, bat, bas);
+      kd::accumulate<D>(s[i], t[i], shift_s, shift_t, inv_t, bzs, bzt, bat, bas);
     }
     ms = bms, mt = bmt, zs += bzs, zt += bzt, at += bat, as += bas;
   }
@@ -71,14 +71,14 @@ KDOPS_CPU_CLONES bool chunk_state_shifted(const acc_t* s, const acc_t* t, int64_
 
 // Folds one chunk into the row state. Shifts come from the state (or the chunk's first element), so a
 // chunk is normally read once; only a chunk that raises a maximum by a lot is read twice.
-template <typename acc_t>
+template <Divergence D, typename acc_t>
 RowState<acc_t> fold_chunk(const RowState<acc_t>& state, const acc_t* s, const acc_t* t, int64_t n, acc_t inv_t) {
   const acc_t shift_s = state.ms == neg_inf<acc_t>() ? s[0] : state.ms;
   const acc_t shift_t = state.mt == neg_inf<acc_t>() ? t[0] : state.mt;
   RowState<acc_t> chunk;
   if (shift_s == neg_inf<acc_t>() || shift_t == neg_inf<acc_t>() ||
-      !chunk_state_shifted<acc_t>(s, t, n, shift_s, shift_t, inv_t, chunk)) {
-    chunk = chunk_state<acc_t>(s, t, n, inv_t);
+      !chunk_state_shifted<D, acc_t>(s, t, n, shift_s, shift_t, inv_t, chunk)) {
+    chunk = chunk_state<D, acc_t>(s, t, n, inv_t);
   }
   return kd::merge(state, chunk, inv_t);
 }
@@ -148,7 +148,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
       for_each_chunk(C, skip, [&](int64_t c0, int64_t c1) {
         const acc_t* cs = rs.read(s + c0, c1 - c0);
         const acc_t* ct = rt.read(t + c0, c1 - c0);
-        state = fold_chunk(state, cs, ct, c1 - c0, inv_t);
+        state = fold_chunk<D>(state, cs, ct, c1 - c0, inv_t);
       });
       const acc_t xs_y = skip >= 0 ? acc_t(s[skip]) : acc_t(0);
       const acc_t xt_y = skip >= 0 ? acc_t(t[skip]) : acc_t(0);

@@ -40,17 +40,22 @@ KDOPS_HOST_DEVICE acc_t shift_of(acc_t m) {
 }
 
 // Adds one element to sums taken with fixed shifts ms, mt (the vectorised inner loop on the CPU).
-// Terms whose probability is 0 are dropped so that -inf logits contribute 0, not NaN.
-template <typename acc_t>
+// Terms whose probability is 0 are dropped so that -inf logits contribute 0, not NaN. D selects which of
+// the cross sums the divergence needs (KL and DKD: at; reverse KL: as; JSD: neither), so a CPU loop does
+// no work it throws away.
+template <Divergence D, typename acc_t>
 KDOPS_HOST_DEVICE void accumulate(acc_t xs, acc_t xt, acc_t ms, acc_t mt, acc_t inv_t, acc_t& zs, acc_t& zt,
                                   acc_t& at, acc_t& as) {
   const acc_t es = exp_((xs - ms) * inv_t);
   const acc_t et = exp_((xt - mt) * inv_t);
-  const acc_t d = (xt - xs) * inv_t;
   zs += es;
   zt += et;
-  at += et > acc_t(0) ? et * d : acc_t(0);
-  as += es > acc_t(0) ? -es * d : acc_t(0);
+  if (D == Divergence::KL || D == Divergence::DKD) {
+    at += et > acc_t(0) ? et * ((xt - xs) * inv_t) : acc_t(0);
+  }
+  if (D == Divergence::ReverseKL) {
+    as += es > acc_t(0) ? es * ((xs - xt) * inv_t) : acc_t(0);
+  }
 }
 
 // Merges the sums (m_o, z_o, a_o) into (m, z, a): both taken over disjoint sets of classes.
