@@ -1,5 +1,6 @@
 """Shared pieces of the kdops benchmarks: devices, synchronised calls, peak memory, quick mode."""
 
+import ctypes
 import os
 import re
 
@@ -32,9 +33,9 @@ def peak_memory_mib(fn, device):
     """Peak memory that one call of fn adds on top of what is live before it.
 
     CUDA: torch.cuda.max_memory_allocated (the caching allocator's peak). CPU: the process' peak resident
-    set (VmHWM, reset through /proc/self/clear_refs) minus its resident set before the call, i.e. every page
-    the call touched at its peak, allocator overheads included. fn is run once beforehand so one-time costs
-    (compilation, lazy init) are not counted.
+    set (VmHWM, reset through /proc/self/clear_refs) minus its resident set before the call, after
+    malloc_trim has handed every free heap page back, so each page the call allocates counts when touched.
+    fn is run once beforehand so one-time costs (compilation, lazy init) are not counted.
     """
     fn()
     if device == "cuda":
@@ -44,6 +45,7 @@ def peak_memory_mib(fn, device):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
