@@ -7,14 +7,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
 #include "cpu/cpu_utils.h"
-#include "kdops/kd_checks.h"
+#include "kdops/kd_host.h"
 #include "kdops/kd_math.h"
 
 namespace kdops {
@@ -215,31 +214,17 @@ std::tuple<at::Tensor, at::Tensor> kd_div_cpu(const at::Tensor& student, const a
                                               const std::optional<at::Tensor>& target, double temperature,
                                               std::string_view divergence, double alpha, double beta,
                                               int64_t ignore_index) {
-  const Divergence div = kd::parse_divergence(divergence);
-  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
-  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const std::optional<at::Tensor> y = target.has_value() ? std::optional<at::Tensor>(target->contiguous()) : std::nullopt;
-  const auto row_shape = student.sizes().slice(0, student.dim() - 1);
-  at::Tensor loss = at::empty(row_shape, student.options());
-  std::vector<int64_t> stats_shape(row_shape.begin(), row_shape.end());
-  stats_shape.push_back(kd::kNumStats);
-  at::Tensor stats = at::empty(stats_shape, student.options().dtype(at::toOpMathType(student.scalar_type())));
-  const int64_t N = loss.numel();
-  if (N == 0 || C == 0) {
-    loss.zero_();
-    return {loss, stats.zero_()};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_cpu", [&] {
+  kd::KdCall c = kd::prepare_forward(student, teacher, target, temperature, divergence, alpha, beta);
+  if (c.N == 0 || c.C == 0) return {c.out0, c.out1};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kd::dispatch_divergence(div, [&](auto dc) {
-      forward_rows<scalar_t, decltype(dc)::value>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                                                  y ? y->const_data_ptr<int64_t>() : nullptr, N, C, temperature, w1,
-                                                  w2, ignore_index, loss.mutable_data_ptr<scalar_t>(),
-                                                  stats.mutable_data_ptr<acc_t>());
+    kd::dispatch_divergence(c.div, [&](auto dc) {
+      forward_rows<scalar_t, decltype(dc)::value>(c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
+                                                  c.target_ptr(), c.N, c.C, temperature, c.w1, c.w2, ignore_index,
+                                                  c.out0.mutable_data_ptr<scalar_t>(), c.out1.mutable_data_ptr<acc_t>());
     });
   });
-  return {loss, stats};
+  return {c.out0, c.out1};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
@@ -247,39 +232,24 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
                                                        const at::Tensor& stats, double temperature,
                                                        std::string_view divergence, double alpha, double beta,
                                                        int64_t ignore_index, bool student_grad, bool teacher_grad) {
-  const Divergence div = kd::parse_divergence(divergence);
-  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
-  kd::check_backward(grad, student, stats);
-  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), st = stats.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const std::optional<at::Tensor> y = target.has_value() ? std::optional<at::Tensor>(target->contiguous()) : std::nullopt;
-  at::Tensor grad_s = student_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
-  const int64_t N = C > 0 ? s.numel() / C : 0;
-  if (N == 0 || C == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
-  for (const at::Tensor* out : {&grad_s, &grad_t}) advise_huge_pages(out->data_ptr(), out->nbytes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_backward_cpu", [&] {
+  kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
+                                      student_grad, teacher_grad);
+  if (c.N == 0 || c.C == 0 || !(student_grad || teacher_grad)) return {c.out0, c.out1};
+  for (const at::Tensor* out : {&c.out0, &c.out1}) advise_huge_pages(out->data_ptr(), out->nbytes());
+  const at::Tensor g = grad.contiguous(), st = stats.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kd::dispatch_divergence(div, [&](auto dc) {
-      constexpr Divergence D = decltype(dc)::value;
-      auto run = [&](auto ws, auto wt) {
-        backward_rows<scalar_t, D, decltype(ws)::value, decltype(wt)::value>(
-            g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-            y ? y->const_data_ptr<int64_t>() : nullptr, st.const_data_ptr<acc_t>(), N, C, temperature, w1, w2,
-            ignore_index, student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
-            teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
-      };
-      if (student_grad && teacher_grad) {
-        run(std::true_type{}, std::true_type{});
-      } else if (student_grad) {
-        run(std::true_type{}, std::false_type{});
-      } else {
-        run(std::false_type{}, std::true_type{});
-      }
+    kd::dispatch_divergence(c.div, [&](auto dc) {
+      kd::dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
+        backward_rows<scalar_t, decltype(dc)::value, decltype(ws)::value, decltype(wt)::value>(
+            g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
+            c.target_ptr(), st.const_data_ptr<acc_t>(), c.N, c.C, temperature, c.w1, c.w2, ignore_index,
+            student_grad ? c.out0.mutable_data_ptr<scalar_t>() : nullptr,
+            teacher_grad ? c.out1.mutable_data_ptr<scalar_t>() : nullptr);
+      });
     });
   });
-  return {grad_s, grad_t};
+  return {c.out0, c.out1};
 }
 
 }  // namespace

@@ -7,7 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,7 +15,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
-#include "kdops/kd_checks.h"
+#include "kdops/kd_host.h"
 #include "kdops/kd_math.h"
 
 namespace kdops {
@@ -146,43 +145,26 @@ __global__ void __launch_bounds__(kBlock) kd_div_backward_kernel(
   }
 }
 
-std::optional<at::Tensor> contiguous_target(const std::optional<at::Tensor>& target) {
-  return target.has_value() ? std::optional<at::Tensor>(target->contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_div_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& target, double temperature,
                                                std::string_view divergence, double alpha, double beta,
                                                int64_t ignore_index) {
-  const Divergence div = kd::parse_divergence(divergence);
-  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const std::optional<at::Tensor> y = contiguous_target(target);
-  const auto rows = student.sizes().slice(0, student.dim() - 1);
-  at::Tensor loss = at::empty(rows, student.options());
-  std::vector<int64_t> stats_shape(rows.begin(), rows.end());
-  stats_shape.push_back(kd::kNumStats);
-  at::Tensor stats = at::empty(stats_shape, student.options().dtype(at::toOpMathType(student.scalar_type())));
-  const int64_t N = loss.numel();
-  if (N == 0 || C == 0) {
-    loss.zero_();
-    return {loss, stats.zero_()};
-  }
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "kdops.kd_div: too many rows for one launch: ", N);
+  kd::KdCall c = kd::prepare_forward(student, teacher, target, temperature, divergence, alpha, beta);
+  if (c.N == 0 || c.C == 0) return {c.out0, c.out1};
+  TORCH_CHECK(c.N <= std::numeric_limits<int32_t>::max(), "kdops.kd_div: too many rows for one launch: ", c.N);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kd::dispatch_divergence(div, [&](auto dc) {
-      kd_div_forward_kernel<scalar_t, decltype(dc)::value><<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
-          s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), y ? y->const_data_ptr<int64_t>() : nullptr, C,
-          acc_t(1.0 / temperature), acc_t(w1), acc_t(w2), ignore_index, loss.mutable_data_ptr<scalar_t>(),
-          stats.mutable_data_ptr<acc_t>());
+    kd::dispatch_divergence(c.div, [&](auto dc) {
+      kd_div_forward_kernel<scalar_t, decltype(dc)::value><<<static_cast<unsigned>(c.N), kBlock, 0, stream>>>(
+          c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(), c.target_ptr(), c.C,
+          acc_t(1.0 / temperature), acc_t(c.w1), acc_t(c.w2), ignore_index, c.out0.mutable_data_ptr<scalar_t>(),
+          c.out1.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {loss, stats};
+  return {c.out0, c.out1};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_div_backward_cuda(const at::Tensor& grad, const at::Tensor& student,
@@ -191,43 +173,29 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cuda(const at::Tensor& grad, 
                                                         const at::Tensor& stats, double temperature,
                                                         std::string_view divergence, double alpha, double beta,
                                                         int64_t ignore_index, bool student_grad, bool teacher_grad) {
-  const Divergence div = kd::parse_divergence(divergence);
-  const int64_t C = kd::check_forward(student, teacher, target, temperature, div, alpha, beta);
-  kd::check_backward(grad, student, stats);
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto [w1, w2] = kd::divergence_weights(div, alpha, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), st = stats.contiguous();
-  const at::Tensor g = grad.contiguous();
-  const std::optional<at::Tensor> y = contiguous_target(target);
-  at::Tensor grad_s = student_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
-  at::Tensor grad_t = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
-  const int64_t N = C > 0 ? s.numel() / C : 0;
-  if (N == 0 || C == 0 || !(student_grad || teacher_grad)) return {grad_s, grad_t};
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "kdops.kd_div_backward: too many rows for one launch: ", N);
+  kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
+                                      student_grad, teacher_grad);
+  if (c.N == 0 || c.C == 0 || !(student_grad || teacher_grad)) return {c.out0, c.out1};
+  TORCH_CHECK(c.N <= std::numeric_limits<int32_t>::max(), "kdops.kd_div_backward: too many rows for one launch: ",
+              c.N);
+  const at::Tensor g = grad.contiguous(), st = stats.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_div_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kd::dispatch_divergence(div, [&](auto dc) {
-      constexpr Divergence D = decltype(dc)::value;
-      auto launch = [&](auto ws, auto wt) {
-        kd_div_backward_kernel<scalar_t, D, decltype(ws)::value, decltype(wt)::value>
-            <<<static_cast<unsigned>(N), kBlock, 0, stream>>>(
-                g.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                y ? y->const_data_ptr<int64_t>() : nullptr, st.const_data_ptr<acc_t>(), C, acc_t(1.0 / temperature),
-                acc_t(w1), acc_t(w2), ignore_index, student_grad ? grad_s.mutable_data_ptr<scalar_t>() : nullptr,
-                teacher_grad ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
+    kd::dispatch_divergence(c.div, [&](auto dc) {
+      kd::dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
+        kd_div_backward_kernel<scalar_t, decltype(dc)::value, decltype(ws)::value, decltype(wt)::value>
+            <<<static_cast<unsigned>(c.N), kBlock, 0, stream>>>(
+                g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
+                c.target_ptr(), st.const_data_ptr<acc_t>(), c.C, acc_t(1.0 / temperature), acc_t(c.w1),
+                acc_t(c.w2), ignore_index, student_grad ? c.out0.mutable_data_ptr<scalar_t>() : nullptr,
+                teacher_grad ? c.out1.mutable_data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (student_grad && teacher_grad) {
-        launch(std::true_type{}, std::true_type{});
-      } else if (student_grad) {
-        launch(std::true_type{}, std::false_type{});
-      } else {
-        launch(std::false_type{}, std::true_type{});
-      }
+      });
     });
   });
-  return {grad_s, grad_t};
+  return {c.out0, c.out1};
 }
 
 }  // namespace

@@ -1,12 +1,17 @@
-// Host-side argument checks and parsing shared by the CPU and CUDA entry points of the KD ops.
+// Host-side glue shared by the CPU and CUDA entry points of the KD ops: argument checks, parsing,
+// output allocation and the compile-time dispatch of divergence and gradient flags.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
+#include <optional>
 #include <string_view>
+#include <tuple>
+#include <vector>
 #include <type_traits>
 #include <utility>
 
@@ -86,6 +91,70 @@ void dispatch_divergence(Divergence d, F&& fn) {
     case Divergence::JSD: return fn(std::integral_constant<Divergence, Divergence::JSD>{});
     case Divergence::DKD: return fn(std::integral_constant<Divergence, Divergence::DKD>{});
   }
+}
+
+// Calls fn(std::bool_constant<student_grad>, std::bool_constant<teacher_grad>); at least one is true.
+template <typename F>
+void dispatch_grad_flags(bool student_grad, bool teacher_grad, F&& fn) {
+  if (student_grad && teacher_grad) {
+    fn(std::true_type{}, std::true_type{});
+  } else if (student_grad) {
+    fn(std::true_type{}, std::false_type{});
+  } else {
+    fn(std::false_type{}, std::true_type{});
+  }
+}
+
+// Checked, contiguous inputs of kd_div / kd_div_backward and their allocated outputs.
+struct KdCall {
+  Divergence div;
+  int64_t C, N;    // classes, rows
+  double w1, w2;   // see divergence_weights
+  at::Tensor s, t;
+  std::optional<at::Tensor> y;
+  at::Tensor out0, out1;  // forward: (loss, stats); backward: (grad_s, grad_t), (0,)-shaped when not wanted
+
+  const int64_t* target_ptr() const { return y ? y->const_data_ptr<int64_t>() : nullptr; }
+};
+
+inline KdCall prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                      double temperature, std::string_view divergence, double alpha, double beta) {
+  KdCall c;
+  c.div = parse_divergence(divergence);
+  c.C = check_forward(student, teacher, target, temperature, c.div, alpha, beta);
+  std::tie(c.w1, c.w2) = divergence_weights(c.div, alpha, beta);
+  c.s = student.contiguous();
+  c.t = teacher.contiguous();
+  if (target.has_value()) c.y = target->contiguous();
+  c.N = c.C > 0 ? student.numel() / c.C : 0;
+  return c;
+}
+
+inline KdCall prepare_forward(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& target, double temperature,
+                              std::string_view divergence, double alpha, double beta) {
+  KdCall c = prepare(student, teacher, target, temperature, divergence, alpha, beta);
+  const auto rows = student.sizes().slice(0, student.dim() - 1);
+  c.out0 = at::empty(rows, student.options());
+  std::vector<int64_t> stats_shape(rows.begin(), rows.end());
+  stats_shape.push_back(kNumStats);
+  c.out1 = at::empty(stats_shape, student.options().dtype(at::toOpMathType(student.scalar_type())));
+  if (c.N == 0 || c.C == 0) {
+    c.out0.zero_();
+    c.out1.zero_();
+  }
+  return c;
+}
+
+inline KdCall prepare_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                               const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
+                               std::string_view divergence, double alpha, double beta, bool student_grad,
+                               bool teacher_grad) {
+  KdCall c = prepare(student, teacher, target, temperature, divergence, alpha, beta);
+  check_backward(grad, student, stats);
+  c.out0 = student_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  c.out1 = teacher_grad ? at::empty(teacher.sizes(), teacher.options()) : at::empty({0}, teacher.options());
+  return c;
 }
 
 }  // namespace kd
