@@ -14,4 +14,22 @@ TORCH_LIBRARY(kdops, m) {
       "float temperature, str divergence, float alpha, float beta, int ignore_index, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+
+  // Overhaul of feature distillation: max(x, margin[c]) over (b, C, *spatial), and the fused partial L2
+  // sum over positions where s > max(t, m) or max(t, m) > 0, per sample (b,) in the accumulation dtype.
+  m.def("margin_relu(Tensor x, Tensor margin) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("margin_relu_backward(Tensor grad, Tensor x, Tensor margin) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("partial_l2(Tensor student, Tensor teacher, Tensor margin) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "partial_l2_backward(Tensor grad, Tensor student, Tensor teacher, Tensor margin, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
+  // LogSum of the projector recipe: (log(S + eps), S) with S = sum |a - b|^alpha (b optional), 0-dim,
+  // in the accumulation dtype.
+  m.def("logsum(Tensor a, Tensor? b, float alpha, float eps) -> (Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "logsum_backward(Tensor grad, Tensor a, Tensor? b, Tensor total, float alpha, float eps, bool a_grad, "
+      "bool b_grad) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }

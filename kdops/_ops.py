@@ -41,3 +41,92 @@ def _kd_div_backward(ctx, grad_loss, _grad_stats):
 
 
 torch.library.register_autograd("kdops::kd_div", _kd_div_backward, setup_context=_kd_div_setup_context)
+
+
+# ---- feature-map ops: margin_relu, partial_l2, logsum ----
+
+@torch.library.register_fake("kdops::margin_relu")
+def _margin_relu_fake(x, margin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("kdops::margin_relu_backward")
+def _margin_relu_backward_fake(grad, x, margin):
+    return x.new_empty(x.shape)
+
+
+def _margin_relu_setup_context(ctx, inputs, output):
+    x, margin = inputs
+    ctx.save_for_backward(x, margin)
+
+
+def _margin_relu_backward(ctx, grad):
+    x, margin = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return torch.ops.kdops.margin_relu_backward(grad, x, margin), None
+
+
+torch.library.register_autograd("kdops::margin_relu", _margin_relu_backward, setup_context=_margin_relu_setup_context)
+
+
+@torch.library.register_fake("kdops::partial_l2")
+def _partial_l2_fake(student, teacher, margin):
+    return student.new_empty((student.shape[0],), dtype=_acc_dtype(student.dtype))
+
+
+@torch.library.register_fake("kdops::partial_l2_backward")
+def _partial_l2_backward_fake(grad, student, teacher, margin, student_grad, teacher_grad):
+    gs = student.new_empty(student.shape) if student_grad else student.new_empty((0,))
+    gt = teacher.new_empty(teacher.shape) if teacher_grad else teacher.new_empty((0,))
+    return gs, gt
+
+
+def _partial_l2_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _partial_l2_backward(ctx, grad):
+    student, teacher, margin = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_s or need_t):
+        return None, None, None
+    gs, gt = torch.ops.kdops.partial_l2_backward(grad, student, teacher, margin, need_s, need_t)
+    return (gs if need_s else None), (gt if need_t else None), None
+
+
+torch.library.register_autograd("kdops::partial_l2", _partial_l2_backward, setup_context=_partial_l2_setup_context)
+
+
+@torch.library.register_fake("kdops::logsum")
+def _logsum_fake(a, b, alpha, eps):
+    acc = _acc_dtype(a.dtype)
+    return a.new_empty((), dtype=acc), a.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("kdops::logsum_backward")
+def _logsum_backward_fake(grad, a, b, total, alpha, eps, a_grad, b_grad):
+    ga = a.new_empty(a.shape) if a_grad else a.new_empty((0,))
+    gb = a.new_empty(a.shape) if b_grad else a.new_empty((0,))
+    return ga, gb
+
+
+def _logsum_setup_context(ctx, inputs, output):
+    a, b, alpha, eps = inputs
+    _, total = output
+    ctx.save_for_backward(a, b, total)
+    ctx.args = (alpha, eps)
+    ctx.mark_non_differentiable(total)
+
+
+def _logsum_backward(ctx, grad, _grad_total):
+    a, b, total = ctx.saved_tensors
+    need_a = ctx.needs_input_grad[0]
+    need_b = b is not None and ctx.needs_input_grad[1]
+    if not (need_a or need_b):
+        return None, None, None, None
+    ga, gb = torch.ops.kdops.logsum_backward(grad, a, b, total, *ctx.args, need_a, need_b)
+    return (ga if need_a else None), (gb if need_b else None), None, None
+
+
+torch.library.register_autograd("kdops::logsum", _logsum_backward, setup_context=_logsum_setup_context)

@@ -1,5 +1,9 @@
-"""Drop-in ``nn.Module`` losses. Call as ``loss(student_logits, teacher_logits[, target])``."""
+"""Drop-in ``nn.Module`` losses: the KD family (``loss(student_logits, teacher_logits[, target])``) and the
+feature-map losses (OFD, FitNet hints, projector + LogSum), which hold their connectors / regressors / projectors."""
 
+import math
+
+import torch
 from torch import nn
 
 from kdops import functional as F
@@ -61,3 +65,171 @@ class DKDLoss(nn.Module):
 
     def extra_repr(self):
         return "alpha=%s, beta=%s, temperature=%s" % (self.alpha, self.beta, self.temperature)
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class OFDLoss(nn.Module):
+    """Overhaul of feature distillation over one or several stages.
+
+    Each stage has a connector (1x1 conv student -> teacher channels, no bias, N(0, sqrt(2 / C_t)) init,
+    then BatchNorm2d) applied to the student's pre-ReLU map, and the partial L2 against the teacher's pre-ReLU
+    map under that stage's margins. Stages are weighted 2^-(n - i - 1) (the last stage 1) unless
+    ``stage_weights`` is given, and the total is divided by the batch size and multiplied by ``scale``
+    (1/1000 for CIFAR in the paper, 1/10000 for ImageNet).
+
+    Args: student_channels, teacher_channels: int or one per stage; margins: (C_t,) tensor or one per stage
+    (see :func:`kdops.overhaul.margins_from_batchnorm`); they are kept as buffers.
+    Call: ``loss(student_feats, teacher_feats)`` with a tensor or a list of tensors, one per stage.
+    """
+
+    def __init__(self, student_channels, teacher_channels, margins, stage_weights=None, scale=1.0 / 1000):
+        super().__init__()
+        s_ch, t_ch, margins = _as_list(student_channels), _as_list(teacher_channels), _as_list(margins)
+        n = len(t_ch)
+        if not (len(s_ch) == n == len(margins)):
+            raise ValueError("OFDLoss: student_channels, teacher_channels and margins need one entry per stage, "
+                             "got %d, %d and %d" % (len(s_ch), n, len(margins)))
+        for i, (c, m) in enumerate(zip(t_ch, margins)):
+            if not isinstance(m, torch.Tensor) or m.shape != (c,):
+                raise ValueError("OFDLoss: margins[%d] must be a tensor of shape (%d,), got %s"
+                                 % (i, c, getattr(m, "shape", type(m).__name__)))
+        weights = [2.0 ** -(n - i - 1) for i in range(n)] if stage_weights is None else list(stage_weights)
+        if len(weights) != n:
+            raise ValueError("OFDLoss: stage_weights needs %d entries, got %d" % (n, len(weights)))
+        self.stage_weights, self.scale = weights, float(scale)
+        self.connectors = nn.ModuleList(self._connector(cs, ct) for cs, ct in zip(s_ch, t_ch))
+        for i, m in enumerate(margins):
+            self.register_buffer("margin_%d" % i, m.detach().float().clone())
+
+    @staticmethod
+    def _connector(c_in, c_out):
+        conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / c_out))
+        bn = nn.BatchNorm2d(c_out)
+        nn.init.ones_(bn.weight)
+        nn.init.zeros_(bn.bias)
+        return nn.Sequential(conv, bn)
+
+    def forward(self, student_feats, teacher_feats):
+        s_list, t_list = _as_list(student_feats), _as_list(teacher_feats)
+        if len(s_list) != len(self.connectors) or len(t_list) != len(self.connectors):
+            raise ValueError("OFDLoss: expected %d stage(s) of features, got %d student and %d teacher"
+                             % (len(self.connectors), len(s_list), len(t_list)))
+        total = 0.0
+        for i, (s, t, connector, w) in enumerate(zip(s_list, t_list, self.connectors, self.stage_weights)):
+            margin = getattr(self, "margin_%d" % i)
+            mapped = connector(s)
+            if mapped.shape != t.shape:
+                raise ValueError("OFDLoss: stage %d: connected student map %s does not match the teacher map %s"
+                                 % (i, tuple(mapped.shape), tuple(t.shape)))
+            total = total + w * F.partial_l2_loss(mapped, t.to(mapped.dtype), margin.to(mapped.device))
+        return total / s_list[0].shape[0] * self.scale
+
+
+class HintLoss(nn.Module):
+    """FitNet hint loss: MSE between a regressor of the student feature and the teacher feature.
+
+    regressor: ``"auto"`` picks by spatial sizes (as RepDistiller's ConvReg): equal -> 1x1 conv (``"conv3x3"``
+    for a 3x3 one), student twice the teacher -> 3x3 conv with stride 2, student half the teacher ->
+    4x4 transposed conv with stride 2, student larger otherwise -> a valid conv of the size difference;
+    each followed by BatchNorm2d and ReLU. ``None`` (or ``"identity"``) when the shapes already match.
+    """
+
+    def __init__(self, student_channels, teacher_channels, student_size=None, teacher_size=None, regressor="auto"):
+        super().__init__()
+        s_size = _pair(student_size) if student_size is not None else None
+        t_size = _pair(teacher_size) if teacher_size is not None else None
+        self.regressor = self._build(student_channels, teacher_channels, s_size, t_size, regressor)
+
+    @staticmethod
+    def _build(cs, ct, s_size, t_size, kind):
+        if kind in (None, "identity"):
+            if cs != ct:
+                raise ValueError("HintLoss: channels differ (%d vs %d): a regressor is needed" % (cs, ct))
+            return nn.Identity()
+        if kind == "conv1x1" or (kind == "auto" and (s_size is None or s_size == t_size)):
+            conv = nn.Conv2d(cs, ct, kernel_size=1)
+        elif kind == "conv3x3":
+            conv = nn.Conv2d(cs, ct, kernel_size=3, padding=1)
+        elif kind == "auto":
+            (sh, sw), (th, tw) = s_size, t_size
+            if (sh, sw) == (2 * th, 2 * tw):
+                conv = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
+            elif (2 * sh, 2 * sw) == (th, tw):
+                conv = nn.ConvTranspose2d(cs, ct, kernel_size=4, stride=2, padding=1)
+            elif sh >= th and sw >= tw:
+                conv = nn.Conv2d(cs, ct, kernel_size=(1 + sh - th, 1 + sw - tw))
+            else:
+                raise ValueError("HintLoss: no regressor maps a %s student map onto a %s teacher map"
+                                 % ((sh, sw), (th, tw)))
+        else:
+            raise ValueError("HintLoss: regressor must be 'auto', 'conv1x1', 'conv3x3' or None, got %r" % (kind,))
+        return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU(inplace=True))
+
+    def forward(self, student_feat, teacher_feat):
+        return F.hint_loss(self.regressor(student_feat), teacher_feat)
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class ProjectorLogSumLoss(nn.Module):
+    """Projector + normalisation + LogSum (Miles & Mikolajczyk): weight * log sum |norm(P z_s) - norm(z_t)|^alpha.
+
+    projector: ``"linear"`` (d_s -> d_t with bias) or ``"mlp"`` (Linear-BN-ReLU-Linear through ``hidden``).
+    norm: ``"bn"`` (BatchNorm1d without affine, eps 1e-4, batch statistics in train and eval alike, as the
+    recipe; needs b >= 2), ``"l2"`` (unit rows), ``"group"`` (group norm without affine, ``groups`` groups),
+    ``"none"``. The paper's ablation compares these and alpha in {1, 1.5, ..., 5}.
+    Call: ``loss(student_features, teacher_features)`` with pooled features (b, d_s) and (b, d_t).
+    """
+
+    NORMS = ("bn", "l2", "group", "none")
+
+    def __init__(self, student_dim, teacher_dim, alpha=4.0, weight=2.0, norm="bn", projector="linear", hidden=1024,
+                 eps=0.0, groups=32):
+        super().__init__()
+        if norm not in self.NORMS:
+            raise ValueError("ProjectorLogSumLoss: norm must be one of %s, got %r" % (self.NORMS, norm))
+        if not (alpha > 0):
+            raise ValueError("ProjectorLogSumLoss: alpha must be > 0, got %r" % (alpha,))
+        if norm == "group" and teacher_dim % groups:
+            raise ValueError("ProjectorLogSumLoss: groups=%d must divide teacher_dim=%d" % (groups, teacher_dim))
+        if projector == "linear":
+            self.projector = nn.Linear(student_dim, teacher_dim)
+        elif projector == "mlp":
+            self.projector = nn.Sequential(nn.Linear(student_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                           nn.Linear(hidden, teacher_dim))
+        else:
+            raise ValueError("ProjectorLogSumLoss: projector must be 'linear' or 'mlp', got %r" % (projector,))
+        self.alpha, self.weight, self.norm, self.eps, self.groups = alpha, weight, norm, eps, groups
+        self.teacher_dim = teacher_dim
+
+    def _normalise(self, x):
+        if self.norm == "bn":
+            return torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-4)
+        if self.norm == "l2":
+            return torch.nn.functional.normalize(x, dim=1)
+        if self.norm == "group":
+            return torch.nn.functional.group_norm(x, self.groups)
+        return x
+
+    def forward(self, student_features, teacher_features):
+        if student_features.dim() != 2 or teacher_features.dim() != 2:
+            raise ValueError("ProjectorLogSumLoss: features must be (b, d), got %s and %s"
+                             % (tuple(student_features.shape), tuple(teacher_features.shape)))
+        if student_features.shape[0] != teacher_features.shape[0]:
+            raise ValueError("ProjectorLogSumLoss: batch sizes differ: %d and %d"
+                             % (student_features.shape[0], teacher_features.shape[0]))
+        if teacher_features.shape[1] != self.teacher_dim:
+            raise ValueError("ProjectorLogSumLoss: teacher features have %d dims, expected teacher_dim=%d"
+                             % (teacher_features.shape[1], self.teacher_dim))
+        if self.norm == "bn" and student_features.shape[0] < 2:
+            raise ValueError("ProjectorLogSumLoss: norm='bn' uses batch statistics and needs a batch of at least 2, "
+                             "got %d" % student_features.shape[0])
+        z_s = self._normalise(self.projector(student_features))
+        z_t = self._normalise(teacher_features.to(z_s.dtype))
+        return self.weight * F.logsum_loss((z_s, z_t), alpha=self.alpha, eps=self.eps)

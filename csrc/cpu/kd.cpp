@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kd::dispatch_divergence(c.div, [&](auto dc) {
-      kd::dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
+      dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
         backward_rows<scalar_t, decltype(dc)::value, decltype(ws)::value, decltype(wt)::value>(
             g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
             c.target_ptr(), st.const_data_ptr<acc_t>(), c.N, c.C, temperature, c.w1, c.w2, ignore_index,

@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cuda(const at::Tensor& grad, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     kd::dispatch_divergence(c.div, [&](auto dc) {
-      kd::dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
+      dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
         kd_div_backward_kernel<scalar_t, decltype(dc)::value, decltype(ws)::value, decltype(wt)::value>
             <<<static_cast<unsigned>(c.N), kBlock, 0, stream>>>(
                 g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),

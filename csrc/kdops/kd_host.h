@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kdops/host_common.h"
 #include "kdops/kd_math.h"
 
 namespace kdops {
@@ -90,18 +91,6 @@ void dispatch_divergence(Divergence d, F&& fn) {
     case Divergence::ReverseKL: return fn(std::integral_constant<Divergence, Divergence::ReverseKL>{});
     case Divergence::JSD: return fn(std::integral_constant<Divergence, Divergence::JSD>{});
     case Divergence::DKD: return fn(std::integral_constant<Divergence, Divergence::DKD>{});
-  }
-}
-
-// Calls fn(std::bool_constant<student_grad>, std::bool_constant<teacher_grad>); at least one is true.
-template <typename F>
-void dispatch_grad_flags(bool student_grad, bool teacher_grad, F&& fn) {
-  if (student_grad && teacher_grad) {
-    fn(std::true_type{}, std::true_type{});
-  } else if (student_grad) {
-    fn(std::true_type{}, std::false_type{});
-  } else {
-    fn(std::false_type{}, std::true_type{});
   }
 }
 

@@ -1,0 +1,114 @@
+// CPU kernels of the LogSum loss: L = log(sum |a - b|^alpha + eps) over all elements (b optional), with
+// the power and the sum in fp32 (fp64 for fp64) so that fp16 / bf16 inputs do not overflow.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "cpu/cpu_utils.h"
+#include "kdops/feature_host.h"
+#include "kdops/feature_math.h"
+#include "kdops/host_common.h"
+
+namespace kdops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+template <typename scalar_t, typename acc_t, bool HasB>
+KDOPS_CPU_CLONES acc_t power_sum(const scalar_t* a, const scalar_t* b, int64_t n, acc_t alpha, int k) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = HasB ? acc_t(a[i]) - acc_t(b[i]) : acc_t(a[i]);
+    sum += feature::abs_pow(d, alpha, k);
+  }
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t, bool HasB, bool WA, bool WB>
+KDOPS_CPU_CLONES void power_grad(const scalar_t* a, const scalar_t* b, int64_t n, acc_t alpha, int k, acc_t coef,
+                                 scalar_t* ga, scalar_t* gb) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = HasB ? acc_t(a[i]) - acc_t(b[i]) : acc_t(a[i]);
+    const acc_t g = coef * feature::abs_pow_grad(d, alpha, k);
+    if (WA) ga[i] = static_cast<scalar_t>(g);
+    if (WB) gb[i] = static_cast<scalar_t>(-g);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> logsum_cpu(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
+                                              double alpha, double eps) {
+  feature::check_logsum(a_in, b_in, alpha, eps);
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
+  const auto acc_type = at::toOpMathType(a.scalar_type());
+  const int k = feature::integer_power(alpha);
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "logsum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    total = at::parallel_reduce(
+        int64_t(0), a.numel(), kGrain, acc_t(0),
+        [&](int64_t i0, int64_t i1, acc_t partial) {
+          return partial + (bp ? power_sum<scalar_t, acc_t, true>(ap + i0, bp + i0, i1 - i0, acc_t(alpha), k)
+                               : power_sum<scalar_t, acc_t, false>(ap + i0, nullptr, i1 - i0, acc_t(alpha), k));
+        },
+        [](acc_t x, acc_t y) { return x + y; });
+  });
+  const auto opts = a.options().dtype(acc_type);
+  return {at::full({}, std::log(total + eps), opts), at::full({}, total, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> logsum_backward_cpu(const at::Tensor& grad, const at::Tensor& a_in,
+                                                       const std::optional<at::Tensor>& b_in, const at::Tensor& total,
+                                                       double alpha, double eps, bool a_grad, bool b_grad) {
+  feature::check_logsum(a_in, b_in, alpha, eps);
+  TORCH_CHECK(grad.numel() == 1 && total.numel() == 1, "kdops.logsum_backward: grad and total must be scalars");
+  TORCH_CHECK(!b_grad || b_in.has_value(), "kdops.logsum_backward: b_grad needs b");
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
+  at::Tensor ga = a_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  at::Tensor gb = b_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  if (a.numel() == 0 || !(a_grad || b_grad)) return {ga, gb};
+  const double coef = grad.item<double>() / (total.item<double>() + eps);
+  const int k = feature::integer_power(alpha);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "logsum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gap = a_grad ? ga.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gbp = b_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_grad_flags(a_grad, b_grad, [&](auto wa, auto wb) {
+      constexpr bool WA = decltype(wa)::value, WB = decltype(wb)::value;
+      at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+        if (bp) {
+          power_grad<scalar_t, acc_t, true, WA, WB>(ap + i0, bp + i0, i1 - i0, acc_t(alpha), k, acc_t(coef),
+                                                    WA ? gap + i0 : nullptr, WB ? gbp + i0 : nullptr);
+        } else {
+          power_grad<scalar_t, acc_t, false, WA, false>(ap + i0, nullptr, i1 - i0, acc_t(alpha), k, acc_t(coef),
+                                                        WA ? gap + i0 : nullptr, nullptr);
+        }
+      });
+    });
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdops
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("logsum", &kdops::cpu::logsum_cpu);
+  m.impl("logsum_backward", &kdops::cpu::logsum_backward_cpu);
+}

@@ -1,0 +1,153 @@
+// CPU kernels of the Overhaul's margin ReLU and fused partial L2 (forward and backward).
+// Maps are (b, C, *spatial), processed as b*C planes of HW contiguous elements sharing one margin.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/cpu_utils.h"
+#include "kdops/feature_host.h"
+#include "kdops/feature_math.h"
+#include "kdops/host_common.h"
+
+namespace kdops {
+namespace cpu {
+namespace {
+
+int64_t plane_grain(int64_t hw) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1));
+}
+
+template <typename scalar_t, typename acc_t>
+KDOPS_CPU_CLONES acc_t plane_partial_l2(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += feature::partial_l2_term(acc_t(s[i]), acc_t(t[i]), m);
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t, bool WS, bool WT>
+KDOPS_CPU_CLONES void plane_partial_l2_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, acc_t g,
+                                            scalar_t* gs, scalar_t* gt) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t a, b;
+    feature::partial_l2_grad(acc_t(s[i]), acc_t(t[i]), m, g, a, b);
+    if (WS) gs[i] = static_cast<scalar_t>(a);
+    if (WT) gt[i] = static_cast<scalar_t>(b);
+  }
+}
+
+at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
+  feature::check_pair("kdops.partial_l2", student, teacher);
+  const int64_t C = feature::check_map_and_margin("kdops.partial_l2", student, margin);
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
+  const int64_t B = s.size(0), planes = B * C, hw = planes > 0 ? s.numel() / planes : 0;
+  at::Tensor plane_sums = at::empty({B, C}, m.options());
+  if (planes == 0) return plane_sums.sum(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    acc_t* out = plane_sums.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) out[p] = plane_partial_l2<scalar_t, acc_t>(sp + p * hw, tp + p * hw, hw, mp[p % C]);
+    });
+  });
+  return plane_sums.sum(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
+                                                           const at::Tensor& teacher, const at::Tensor& margin,
+                                                           bool student_grad, bool teacher_grad) {
+  feature::check_pair("kdops.partial_l2_backward", student, teacher);
+  const int64_t C = feature::check_map_and_margin("kdops.partial_l2_backward", student, margin);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
+              student.size(0), ",), got ", grad.sizes());
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
+  const at::Tensor g = grad.to(m.scalar_type()).contiguous();
+  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
+  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
+  const int64_t planes = s.size(0) * C, hw = planes > 0 ? s.numel() / planes : 0;
+  if (planes == 0 || hw == 0 || !(student_grad || teacher_grad)) return {gs, gt};
+  for (const at::Tensor* out : {&gs, &gt}) advise_huge_pages(out->data_ptr(), out->nbytes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    scalar_t* gsp = student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
+      constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
+      at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          plane_partial_l2_grad<scalar_t, acc_t, WS, WT>(sp + p * hw, tp + p * hw, hw, mp[p % C], gp[p / C],
+                                                         WS ? gsp + p * hw : nullptr, WT ? gtp + p * hw : nullptr);
+        }
+      });
+    });
+  });
+  return {gs, gt};
+}
+
+template <bool Backward>
+at::Tensor margin_relu_impl(const at::Tensor* grad, const at::Tensor& x_in, const at::Tensor& margin) {
+  const int64_t C = feature::check_map_and_margin("kdops.margin_relu", x_in, margin);
+  const at::Tensor x = x_in.contiguous(), m = feature::kernel_margin(margin, x_in);
+  const at::Tensor g = Backward ? grad->contiguous() : at::Tensor();
+  if (Backward) {
+    TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
+                "kdops.margin_relu_backward: grad must match x in shape and dtype");
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t planes = x.size(0) * C, hw = planes > 0 ? x.numel() / planes : 0;
+  if (planes == 0 || hw == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_relu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = Backward ? g.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const acc_t mc = mp[p % C];
+        const scalar_t* xr = xp + p * hw;
+        scalar_t* orow = op + p * hw;
+        if (Backward) {
+          const scalar_t* gr = gp + p * hw;
+          for (int64_t i = 0; i < hw; ++i) orow[i] = acc_t(xr[i]) > mc ? gr[i] : scalar_t(0);
+        } else {
+          for (int64_t i = 0; i < hw; ++i) orow[i] = static_cast<scalar_t>(feature::margin_relu(acc_t(xr[i]), mc));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor margin_relu_cpu(const at::Tensor& x, const at::Tensor& margin) {
+  return margin_relu_impl<false>(nullptr, x, margin);
+}
+
+at::Tensor margin_relu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& margin) {
+  return margin_relu_impl<true>(&grad, x, margin);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace kdops
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("partial_l2", &kdops::cpu::partial_l2_cpu);
+  m.impl("partial_l2_backward", &kdops::cpu::partial_l2_backward_cpu);
+  m.impl("margin_relu", &kdops::cpu::margin_relu_cpu);
+  m.impl("margin_relu_backward", &kdops::cpu::margin_relu_backward_cpu);
+}

@@ -1,0 +1,70 @@
+// Math of the feature-map losses: the Overhaul's margin ReLU and partial L2, and the LogSum of the
+// projector recipe. Shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "kdops/common.h"
+
+namespace kdops {
+namespace feature {
+
+// Teacher transform of the Overhaul: max(t, m), NaN passed on.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
+  return (t > m || t != t) ? t : m;
+}
+
+// Partial L2 term: (s - t^)^2 where s > t^ or t^ > 0; positions with s <= t^ <= 0 are skipped.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t partial_l2_term(acc_t s, acc_t t, acc_t m) {
+  const acc_t th = margin_relu(t, m);
+  const acc_t d = s - th;
+  return (s > th || th > acc_t(0)) ? d * d : (d == d ? acc_t(0) : d);
+}
+
+// Gradients of g * term w.r.t. s and t (t^ = max(t, m) passes gradient only where t > m).
+template <typename acc_t>
+KDOPS_HOST_DEVICE void partial_l2_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
+  const acc_t th = margin_relu(t, m);
+  const acc_t d = s - th;
+  const bool keep = s > th || th > acc_t(0);
+  gs = keep ? acc_t(2) * d * g : acc_t(0);
+  gt = (keep && t > m) ? -gs : acc_t(0);
+}
+
+// |x|^alpha, exact for the integer powers the recipe uses, pow otherwise (alpha > 0).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t abs_pow(acc_t x, acc_t alpha, int int_alpha) {
+  const acc_t a = x < acc_t(0) ? -x : x;
+  if (int_alpha == 4) {
+    const acc_t a2 = a * a;
+    return a2 * a2;
+  }
+  if (int_alpha == 2) return a * a;
+  if (int_alpha == 1) return a;
+  if (int_alpha == 3) return a * a * a;
+  return ::pow(a, alpha);
+}
+
+// d|x|^alpha / dx = alpha |x|^(alpha - 1) sign(x); 0 at x = 0 (a subgradient, also for alpha < 1).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t abs_pow_grad(acc_t x, acc_t alpha, int int_alpha) {
+  if (x == acc_t(0)) return acc_t(0);
+  const acc_t sign = x < acc_t(0) ? acc_t(-1) : acc_t(1);
+  if (int_alpha == 4) return acc_t(4) * x * x * x;
+  if (int_alpha == 2) return acc_t(2) * x;
+  if (int_alpha == 1) return sign;
+  if (int_alpha == 3) return acc_t(3) * x * x * sign;
+  const acc_t a = x * sign;
+  return alpha * ::pow(a, alpha - acc_t(1)) * sign;
+}
+
+// alpha as an int when it is one of the exact cases above, else 0.
+inline int integer_power(double alpha) {
+  for (int k = 1; k <= 4; ++k) {
+    if (alpha == double(k)) return k;
+  }
+  return 0;
+}
+
+}  // namespace feature
+}  // namespace kdops
