@@ -5,10 +5,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 // Hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and baseline, and picked at load time, so one
 // binary vectorises on current CPUs and still runs on old ones.
 // (Measured here: the AVX-512 clone runs the exp-heavy loops twice as fast as the AVX2 one.)
@@ -68,22 +64,6 @@ struct ChunkWriter {
     }
   }
 };
-
-// Gradients are large outputs written once, right after allocation, and glibc hands out fresh mmap-ed
-// pages for them every call. Where transparent huge pages are left to madvise, asking for them cuts the
-// cost of first touch about threefold (131 MB: 28 ms -> 10 ms here). Advisory only: failure is harmless.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
 
 }  // namespace cpu
 }  // namespace kdops

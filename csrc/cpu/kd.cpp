@@ -235,7 +235,6 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
   kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
                                       student_grad, teacher_grad);
   if (c.N == 0 || c.C == 0 || !(student_grad || teacher_grad)) return {c.out0, c.out1};
-  for (const at::Tensor* out : {&c.out0, &c.out1}) advise_huge_pages(out->data_ptr(), out->nbytes());
   const at::Tensor g = grad.contiguous(), st = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

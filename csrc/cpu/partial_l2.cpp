@@ -76,7 +76,6 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
   at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
   const int64_t planes = s.size(0) * C, hw = planes > 0 ? s.numel() / planes : 0;
   if (planes == 0 || hw == 0 || !(student_grad || teacher_grad)) return {gs, gt};
-  for (const at::Tensor* out : {&gs, &gt}) advise_huge_pages(out->data_ptr(), out->nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
