@@ -51,3 +51,35 @@ def peak_memory_mib(fn, device):
     base = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - base) / 1024.0
+
+
+def shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+_compiled = {}
+
+
+def compiled(fn):
+    """torch.compile(fn) (static shapes), one compiled object per reference function."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+def run(benchmark, family, fn, device, **params):
+    """Times fn (synchronised on CUDA) after recording its peak memory; `family` and `params` name the
+    benchmark group and are what benchmarks/report.py tabulates."""
+    fn = synchronized(fn, device)
+    benchmark.group = " ".join([family] + [str(v) for v in params.values()] + [device])
+    benchmark.extra_info["family"] = family
+    benchmark.extra_info["peak_mib"] = round(peak_memory_mib(fn, device), 1)
+    benchmark(fn)
+
+
+def forward_backward(loss_fn, inputs, wrt):
+    """A callable running loss_fn(*inputs) and its gradient w.r.t. inputs[i] for i in wrt."""
+    def call():
+        loss = loss_fn(*inputs)
+        return torch.autograd.grad(loss, [inputs[i] for i in wrt])
+    return call

@@ -1,11 +1,12 @@
-"""Markdown table of a pytest-benchmark JSON run of bench_kd.py:
+"""Markdown tables of a pytest-benchmark JSON run of the kdops benchmarks:
 
-    pytest benchmarks/bench_kd.py --benchmark-only --benchmark-json=run.json
+    pytest benchmarks --benchmark-only --benchmark-json=run.json
     python -m benchmarks.report run.json
 
-Per shape / dtype / mode: the median time of each provider, kdops' speed-up over torch.compile(reference)
-and over the eager reference, kdops' time as a multiple of the floor (one torch.exp pass over both inputs,
-measured in the same run), and the peak memory of one call (see benchmarks/common.py).
+Per op family and shape / dtype / mode: the median time of each provider, kdops' speed-up over
+torch.compile(reference) and over the eager reference, kdops' time as a multiple of the family's floor
+(measured in the same run: bench_kd.py one torch.exp over both inputs, bench_partial_l2.py one clone()),
+and the peak memory of one call (see benchmarks/common.py).
 """
 
 import json
@@ -14,34 +15,43 @@ import sys
 from collections import defaultdict
 
 
-def shape_id(shape):
-    return shape if isinstance(shape, str) else "x".join(map(str, shape))
-
-
-def table(run):
+def tables(run):
     results, floors = defaultdict(dict), {}
     for b in run["benchmarks"]:
-        p, median = b["params"], b["stats"]["median"] * 1e3
-        peak = b["extra_info"].get("peak_mib", float("nan"))
+        p, median = dict(b["params"]), b["stats"]["median"] * 1e3
+        p["shape"] = p["shape"] if isinstance(p["shape"], str) else "x".join(map(str, p["shape"]))
+        family, peak = b["extra_info"].get("family", "?"), b["extra_info"].get("peak_mib", float("nan"))
         if "provider" not in p:
-            floors[(shape_id(p["shape"]), p["dtype"], p["device"])] = median
+            floors[(family, p["shape"], p["dtype"], p["device"])] = median
             continue
-        results[(shape_id(p["shape"]), p["dtype"], p["mode"], p["device"])][p["provider"]] = (median, peak)
-    lines = [
-        "| shape | dtype | mode | device | kdops ms | compiled ms | eager ms | vs compiled | vs eager "
-        "| kdops / floor | peak MiB kdops / compiled / eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    order = sorted(results, key=lambda k: (k[3], k[1] != "fp32", int(k[0].split("x")[0]) * int(k[0].split("x")[1]), k[2]))
-    for key in order:
-        r = results[key]
-        if not {"kdops", "compiled", "eager"} <= set(r):
-            continue
-        (k, kp), (c, cp), (e, ep) = r["kdops"], r["compiled"], r["eager"]
-        floor = floors.get((key[0], key[1], key[3]))
-        lines.append("| %s | %s | %s | %s | %.3f | %.3f | %.3f | %.2fx | %.2fx | %s | %.1f / %.1f / %.1f |" % (
-            *key, k, c, e, c / k, e / k, "%.2f" % (k / floor) if floor else "-", kp, cp, ep))
-    return "\n".join(lines)
+        results[(family, p["shape"], p["dtype"], p["mode"], p["device"])][p["provider"]] = (median, peak)
+    out = []
+    for family in sorted({k[0] for k in results}):
+        lines = [
+            "**%s**\n" % family,
+            "| shape | dtype | mode | device | kdops ms | compiled ms | eager ms | vs compiled | vs eager "
+            "| kdops / floor | peak MiB kdops / compiled / eager |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        keys = [k for k in results if k[0] == family]
+        keys.sort(key=lambda k: (k[4], k[2] != "fp32", _numel(k[1]), k[3]))
+        for key in keys:
+            r = results[key]
+            if not {"kdops", "compiled", "eager"} <= set(r):
+                continue
+            (k, kp), (c, cp), (e, ep) = r["kdops"], r["compiled"], r["eager"]
+            floor = floors.get((family, key[1], key[2], key[4]))
+            lines.append("| %s | %s | %s | %s | %.3f | %.3f | %.3f | %.2fx | %.2fx | %s | %.1f / %.1f / %.1f |" % (
+                *key[1:], k, c, e, c / k, e / k, "%.2f" % (k / floor) if floor else "-", kp, cp, ep))
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _numel(shape):
+    n = 1
+    for d in shape.split("x"):
+        n *= int(d)
+    return n
 
 
 def machine(run):
@@ -58,7 +68,7 @@ def main(argv=None):
     with open(argv[0]) as f:
         run = json.load(f)
     print("Machine: " + machine(run) + "\n")
-    print(table(run))
+    print(tables(run))
 
 
 if __name__ == "__main__":
