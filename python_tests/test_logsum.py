@@ -36,6 +36,13 @@ def test_parity_with_reference(device, alpha, eps, as_pair):
         torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=1e-7, msg=lambda m: "%s: %s" % (what, m))
 
 
+def test_large_sums_keep_fp32_accuracy():
+    # millions of terms: the fp32 sum must still match float64 to fp32 accuracy
+    a, b = pair((1024, 2048), "cpu")
+    torch.testing.assert_close(F.logsum_loss((a, b)).double(), R.logsum_loss((a.double(), b.double())),
+                               rtol=1e-6, atol=0)
+
+
 def test_gradcheck_float64():
     a, b = pair((5, 7), "cpu", torch.float64)
     a.requires_grad_()

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "cpu/cpu_utils.h"
@@ -23,23 +24,49 @@ int64_t plane_grain(int64_t hw) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1));
 }
 
-template <typename scalar_t, typename acc_t>
-KDOPS_CPU_CLONES acc_t plane_partial_l2(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m) {
+template <typename acc_t>
+KDOPS_CPU_CLONES acc_t chunk_partial_l2(const acc_t* s, const acc_t* t, int64_t n, acc_t m) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += feature::partial_l2_term(acc_t(s[i]), acc_t(t[i]), m);
+  for (int64_t i = 0; i < n; ++i) sum += feature::partial_l2_term(s[i], t[i], m);
+  return sum;
+}
+
+template <typename acc_t, bool WS, bool WT>
+KDOPS_CPU_CLONES void chunk_partial_l2_grad(const acc_t* s, const acc_t* t, int64_t n, acc_t m, acc_t g, acc_t* gs,
+                                            acc_t* gt) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t a, b;
+    feature::partial_l2_grad(s[i], t[i], m, g, a, b);
+    if (WS) gs[i] = a;
+    if (WT) gt[i] = b;
+  }
+}
+
+// Planes are walked in L1-sized chunks; 16-bit inputs are converted to float chunk by chunk.
+template <typename scalar_t, typename acc_t>
+acc_t plane_partial_l2(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, ChunkReader<scalar_t, acc_t>& rs,
+                       ChunkReader<scalar_t, acc_t>& rt) {
+  acc_t sum = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    sum += chunk_partial_l2<acc_t>(rs.read(s + c0, len), rt.read(t + c0, len), len, m);
+  }
   return sum;
 }
 
 template <typename scalar_t, typename acc_t, bool WS, bool WT>
-KDOPS_CPU_CLONES void plane_partial_l2_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, acc_t g,
-                                            scalar_t* gs, scalar_t* gt) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t a, b;
-    feature::partial_l2_grad(acc_t(s[i]), acc_t(t[i]), m, g, a, b);
-    if (WS) gs[i] = static_cast<scalar_t>(a);
-    if (WT) gt[i] = static_cast<scalar_t>(b);
+void plane_partial_l2_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, acc_t g, scalar_t* gs,
+                           scalar_t* gt, ChunkReader<scalar_t, acc_t>& rs, ChunkReader<scalar_t, acc_t>& rt,
+                           ChunkWriter<scalar_t, acc_t>& ws, ChunkWriter<scalar_t, acc_t>& wt) {
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    acc_t* ds = WS ? ws.dest(gs + c0) : nullptr;
+    acc_t* dt = WT ? wt.dest(gt + c0) : nullptr;
+    chunk_partial_l2_grad<acc_t, WS, WT>(rs.read(s + c0, len), rt.read(t + c0, len), len, m, g, ds, dt);
+    if (WS) ws.flush(gs + c0, len);
+    if (WT) wt.flush(gt + c0, len);
   }
 }
 
@@ -57,7 +84,10 @@ at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, 
     const acc_t* mp = m.const_data_ptr<acc_t>();
     acc_t* out = plane_sums.mutable_data_ptr<acc_t>();
     at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) out[p] = plane_partial_l2<scalar_t, acc_t>(sp + p * hw, tp + p * hw, hw, mp[p % C]);
+      ChunkReader<scalar_t, acc_t> rs, rt;
+      for (int64_t p = p0; p < p1; ++p) {
+        out[p] = plane_partial_l2<scalar_t, acc_t>(sp + p * hw, tp + p * hw, hw, mp[p % C], rs, rt);
+      }
     });
   });
   return plane_sums.sum(1);
@@ -87,9 +117,12 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
     dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
       constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+        ChunkReader<scalar_t, acc_t> rs, rt;
+        ChunkWriter<scalar_t, acc_t> ws, wt;
         for (int64_t p = p0; p < p1; ++p) {
           plane_partial_l2_grad<scalar_t, acc_t, WS, WT>(sp + p * hw, tp + p * hw, hw, mp[p % C], gp[p / C],
-                                                         WS ? gsp + p * hw : nullptr, WT ? gtp + p * hw : nullptr);
+                                                         WS ? gsp + p * hw : nullptr, WT ? gtp + p * hw : nullptr,
+                                                         rs, rt, ws, wt);
         }
       });
     });
