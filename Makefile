@@ -38,7 +38,8 @@ test: $(STAMP_BUILD)
 	$(PY) -m pytest python_tests -q
 
 bench: $(STAMP_BUILD)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q --benchmark-json=build/bench.json
+	$(PY) -m benchmarks.report build/bench.json
 
 clean:
 	rm -rf build kdops/_C*.so .pytest_cache

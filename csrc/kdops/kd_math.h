@@ -215,11 +215,9 @@ KDOPS_HOST_DEVICE GradRow<acc_t> grad_row(const acc_t* stats, acc_t grad, acc_t 
   g.w1 = w1;
   g.w2 = w2;
   g.lw1 = g.lw2 = g.ds_n = g.ct = g.gs_y = g.gt_y = acc_t(0);
-  if (D == Divergence::JSD) {
-    g.w1 = w1;
-    g.w2 = acc_t(1) - w1;
-    g.lw1 = log_(g.w1);
-    g.lw2 = log_(g.w2);
+  if (D == Divergence::JSD) {  // w1 = beta, w2 = 1 - beta
+    g.lw1 = log_(w1);
+    g.lw2 = log_(w2);
   }
   if (D == Divergence::DKD) {
     const DkdRow<acc_t> r = dkd_row(stats, xs_y, xt_y, inv_t);
