@@ -44,29 +44,20 @@ KDOPS_CPU_CLONES void chunk_partial_l2_grad(const acc_t* s, const acc_t* t, int6
   }
 }
 
-// Planes are walked in L1-sized chunks; 16-bit inputs are converted to float chunk by chunk.
-template <typename scalar_t, typename acc_t>
-acc_t plane_partial_l2(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, ChunkReader<scalar_t, acc_t>& rs,
-                       ChunkReader<scalar_t, acc_t>& rt) {
-  acc_t sum = 0;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - c0);
-    sum += chunk_partial_l2<acc_t>(rs.read(s + c0, len), rt.read(t + c0, len), len, m);
-  }
-  return sum;
-}
-
-template <typename scalar_t, typename acc_t, bool WS, bool WT>
-void plane_partial_l2_grad(const scalar_t* s, const scalar_t* t, int64_t n, acc_t m, acc_t g, scalar_t* gs,
-                           scalar_t* gt, ChunkReader<scalar_t, acc_t>& rs, ChunkReader<scalar_t, acc_t>& rt,
-                           ChunkWriter<scalar_t, acc_t>& ws, ChunkWriter<scalar_t, acc_t>& wt) {
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - c0);
-    acc_t* ds = WS ? ws.dest(gs + c0) : nullptr;
-    acc_t* dt = WT ? wt.dest(gt + c0) : nullptr;
-    chunk_partial_l2_grad<acc_t, WS, WT>(rs.read(s + c0, len), rt.read(t + c0, len), len, m, g, ds, dt);
-    if (WS) ws.flush(gs + c0, len);
-    if (WT) wt.flush(gt + c0, len);
+// Walks the elements of planes [p0, p1) (hw contiguous elements each) in chunks of at most kChunk elements:
+// chunk(e0, e1) once per chunk (16-bit inputs are converted there, once for many small planes), then
+// segment(plane, offset in chunk, length) for each plane's part of the chunk, then chunk_done(e0, e1).
+template <typename Chunk, typename Segment, typename Done>
+void walk_planes(int64_t p0, int64_t p1, int64_t hw, Chunk&& chunk, Segment&& segment, Done&& chunk_done) {
+  const int64_t end = p1 * hw;
+  for (int64_t e0 = p0 * hw; e0 < end; e0 += kChunk) {
+    const int64_t e1 = std::min(end, e0 + kChunk);
+    chunk(e0, e1);
+    for (int64_t p = e0 / hw; p * hw < e1; ++p) {
+      const int64_t b = std::max(e0, p * hw), e = std::min(e1, (p + 1) * hw);
+      segment(p, b - e0, e - b);
+    }
+    chunk_done(e0, e1);
   }
 }
 
@@ -85,9 +76,18 @@ at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, 
     acc_t* out = plane_sums.mutable_data_ptr<acc_t>();
     at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
       ChunkReader<scalar_t, acc_t> rs, rt;
-      for (int64_t p = p0; p < p1; ++p) {
-        out[p] = plane_partial_l2<scalar_t, acc_t>(sp + p * hw, tp + p * hw, hw, mp[p % C], rs, rt);
-      }
+      const acc_t *cs = nullptr, *ct = nullptr;
+      std::fill(out + p0, out + p1, acc_t(0));
+      walk_planes(
+          p0, p1, hw,
+          [&](int64_t e0, int64_t e1) {
+            cs = rs.read(sp + e0, e1 - e0);
+            ct = rt.read(tp + e0, e1 - e0);
+          },
+          [&](int64_t p, int64_t off, int64_t len) {
+            out[p] += chunk_partial_l2<acc_t>(cs + off, ct + off, len, mp[p % C]);
+          },
+          [](int64_t, int64_t) {});
     });
   });
   return plane_sums.sum(1);
@@ -118,12 +118,25 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
       constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
         ChunkReader<scalar_t, acc_t> rs, rt;
-        ChunkWriter<scalar_t, acc_t> ws, wt;
-        for (int64_t p = p0; p < p1; ++p) {
-          plane_partial_l2_grad<scalar_t, acc_t, WS, WT>(sp + p * hw, tp + p * hw, hw, mp[p % C], gp[p / C],
-                                                         WS ? gsp + p * hw : nullptr, WT ? gtp + p * hw : nullptr,
-                                                         rs, rt, ws, wt);
-        }
+        ChunkWriter<scalar_t, acc_t> w_s, w_t;
+        const acc_t *cs = nullptr, *ct = nullptr;
+        acc_t *ds = nullptr, *dt = nullptr;
+        walk_planes(
+            p0, p1, hw,
+            [&](int64_t e0, int64_t e1) {
+              cs = rs.read(sp + e0, e1 - e0);
+              ct = rt.read(tp + e0, e1 - e0);
+              if (WS) ds = w_s.dest(gsp + e0);
+              if (WT) dt = w_t.dest(gtp + e0);
+            },
+            [&](int64_t p, int64_t off, int64_t len) {
+              chunk_partial_l2_grad<acc_t, WS, WT>(cs + off, ct + off, len, mp[p % C], gp[p / C],
+                                                   WS ? ds + off : nullptr, WT ? dt + off : nullptr);
+            },
+            [&](int64_t e0, int64_t e1) {
+              if (WS) w_s.flush(gsp + e0, e1 - e0);
+              if (WT) w_t.flush(gtp + e0, e1 - e0);
+            });
       });
     });
   });
