@@ -128,6 +128,21 @@ def test_low_precision(device, dtype):
         assert err_ours <= 2 * err_torch + eps * e.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_value_passes_through_exactly(dtype):
+    # margin_relu with a margin below every value is the identity: all 65536 bit patterns (subnormals, inf,
+    # NaN included) must survive the kernels' fp32 round trip bit for bit.
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(4, 2, 8192).clone()
+    y = F.margin_relu(x, torch.full((2,), float("-inf")))
+    finite = ~torch.isnan(x)
+    assert torch.equal(y[finite].view(torch.int16), x[finite].view(torch.int16))
+    assert torch.isnan(y[~finite]).all()
+    # and through the backward, which passes the gradient where x > margin
+    g = torch.ops.kdops.margin_relu_backward(x, torch.ones_like(x), torch.zeros(2))
+    assert torch.equal(g[finite].view(torch.int16), x[finite].view(torch.int16))
+
+
 def test_nan_propagates():
     s, t, m = maps((2, 3, 4, 4), "cpu")
     t[1, 2, 0, 0] = float("nan")

@@ -36,11 +36,35 @@ inline void prefetch_block(const T* s, const T* t) {
   }
 }
 
-// Chunk conversions between the 16-bit storage types and float, written so that the compiler vectorises
-// them (c10's scalar conversions, with their NaN branches, do not): bf16 is the top half of a float,
-// rounded to nearest even on the way back; fp16 goes through the compiler's _Float16 (F16C instructions
-// in the x86-64-v3/v4 clones).
+// Chunk conversions between the 16-bit storage types and float, written branch-free so that the compiler
+// vectorises them (c10's scalar conversions, with their branches, do not; GCC 12 does not vectorise
+// _Float16 either). bf16 is the top half of a float, rounded to nearest even on the way back. fp16 uses
+// the exponent-rebias tricks of F. Giesen's public-domain half conversions: subnormals, inf and NaN
+// included, round to nearest even.
 namespace {
+
+inline float half_bits_to_float(uint32_t h) {
+  const float magic = std::bit_cast<float>(uint32_t(254 - 15) << 23);       // 2^112
+  const float was_inf_nan = std::bit_cast<float>(uint32_t(127 + 16) << 23);  // 2^16
+  float o = std::bit_cast<float>((h & 0x7fffu) << 13) * magic;
+  uint32_t bits = std::bit_cast<uint32_t>(o);
+  bits = o >= was_inf_nan ? (bits | (uint32_t(255) << 23)) : bits;
+  return std::bit_cast<float>(bits | ((h & 0x8000u) << 16));
+}
+
+inline uint16_t float_to_half_bits(float f) {
+  const uint32_t f_inf = uint32_t(255) << 23, f16_max = uint32_t(127 + 16) << 23;
+  const uint32_t denorm_magic_bits = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  const uint32_t inf_nan = u > f_inf ? 0x7e00u : 0x7c00u;
+  const uint32_t sub = std::bit_cast<uint32_t>(std::bit_cast<float>(u) + std::bit_cast<float>(denorm_magic_bits)) -
+                       denorm_magic_bits;
+  const uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  const uint32_t o = u >= f16_max ? inf_nan : (u < (uint32_t(113) << 23) ? sub : normal);
+  return uint16_t(o | (sign >> 16));
+}
 
 template <typename T>
 KDOPS_CPU_CLONES void load_floats(const T* p, float* out, int64_t n) {
@@ -50,12 +74,10 @@ KDOPS_CPU_CLONES void load_floats(const T* p, float* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       out[i] = std::bit_cast<float>(uint32_t(u[i]) << 16);
     }
-#if defined(__FLT16_MAX__)
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    const _Float16* h = reinterpret_cast<const _Float16*>(p);
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(h[i]);
-#endif
+    for (int64_t i = 0; i < n; ++i) out[i] = half_bits_to_float(h[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
   }
@@ -71,12 +93,10 @@ KDOPS_CPU_CLONES void store_floats(const float* in, T* p, int64_t n) {
       const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
       u[i] = in[i] != in[i] ? uint16_t(0x7FC0) : uint16_t(rounded);
     }
-#if defined(__FLT16_MAX__)
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-    _Float16* h = reinterpret_cast<_Float16*>(p);
+    uint16_t* h = reinterpret_cast<uint16_t*>(p);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(in[i]);
-#endif
+    for (int64_t i = 0; i < n; ++i) h[i] = float_to_half_bits(in[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(in[i]);
   }

@@ -143,6 +143,14 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
   return {gs, gt};
 }
 
+template <typename acc_t, bool Backward>
+KDOPS_CPU_CLONES void chunk_margin_relu(const acc_t* grad, const acc_t* x, int64_t n, acc_t m, acc_t* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = Backward ? (x[i] > m ? grad[i] : acc_t(0)) : feature::margin_relu(x[i], m);
+  }
+}
+
 template <bool Backward>
 at::Tensor margin_relu_impl(const at::Tensor* grad, const at::Tensor& x_in, const at::Tensor& margin) {
   const int64_t C = feature::check_map_and_margin("kdops.margin_relu", x_in, margin);
@@ -162,17 +170,21 @@ at::Tensor margin_relu_impl(const at::Tensor* grad, const at::Tensor& x_in, cons
     const acc_t* mp = m.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const acc_t mc = mp[p % C];
-        const scalar_t* xr = xp + p * hw;
-        scalar_t* orow = op + p * hw;
-        if (Backward) {
-          const scalar_t* gr = gp + p * hw;
-          for (int64_t i = 0; i < hw; ++i) orow[i] = acc_t(xr[i]) > mc ? gr[i] : scalar_t(0);
-        } else {
-          for (int64_t i = 0; i < hw; ++i) orow[i] = static_cast<scalar_t>(feature::margin_relu(acc_t(xr[i]), mc));
-        }
-      }
+      ChunkReader<scalar_t, acc_t> rx, rg;
+      ChunkWriter<scalar_t, acc_t> w;
+      const acc_t *cx = nullptr, *cg = nullptr;
+      acc_t* co = nullptr;
+      walk_planes(
+          p0, p1, hw,
+          [&](int64_t e0, int64_t e1) {
+            cx = rx.read(xp + e0, e1 - e0);
+            if (Backward) cg = rg.read(gp + e0, e1 - e0);
+            co = w.dest(op + e0);
+          },
+          [&](int64_t p, int64_t off, int64_t len) {
+            chunk_margin_relu<acc_t, Backward>(Backward ? cg + off : nullptr, cx + off, len, mp[p % C], co + off);
+          },
+          [&](int64_t e0, int64_t e1) { w.flush(op + e0, e1 - e0); });
     });
   });
   return out;
