@@ -23,6 +23,18 @@ from kdops import _ops  # noqa: F401  (autograd / fake registrations)
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+def _check_same(name, a_name, a, b_name, b, layout):
+    """a and b must agree in shape, dtype and device; `layout` describes the expected shape."""
+    if a.shape != b.shape:
+        raise ValueError("%s: %s and %s must have the same shape %s, got %s and %s"
+                         % (name, a_name, b_name, layout, tuple(a.shape), tuple(b.shape)))
+    if a.dtype != b.dtype:
+        raise ValueError("%s: %s and %s must have the same dtype, got %s and %s" % (name, a_name, b_name, a.dtype, b.dtype))
+    if a.device != b.device:
+        raise ValueError("%s: %s and %s must be on the same device, got %s and %s"
+                         % (name, a_name, b_name, a.device, b.device))
+
+
 def _check_logits(name, student_logits, teacher_logits):
     for arg, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
@@ -32,15 +44,7 @@ def _check_logits(name, student_logits, teacher_logits):
                              % (name, arg, x.dtype))
         if x.dim() < 1:
             raise ValueError("%s: %s must have shape (..., C), got a 0-dim tensor" % (name, arg))
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError("%s: student_logits and teacher_logits must have the same shape (..., C), got %s and %s"
-                         % (name, tuple(student_logits.shape), tuple(teacher_logits.shape)))
-    if student_logits.dtype != teacher_logits.dtype:
-        raise ValueError("%s: student_logits and teacher_logits must have the same dtype, got %s and %s"
-                         % (name, student_logits.dtype, teacher_logits.dtype))
-    if student_logits.device != teacher_logits.device:
-        raise ValueError("%s: student_logits and teacher_logits must be on the same device, got %s and %s"
-                         % (name, student_logits.device, teacher_logits.device))
+    _check_same(name, "student_logits", student_logits, "teacher_logits", teacher_logits, "(..., C)")
     if student_logits.shape[-1] == 0:
         raise ValueError("%s: student_logits must have at least one class (C >= 1), got shape %s"
                          % (name, tuple(student_logits.shape)))
@@ -164,15 +168,7 @@ def _check_feature_pair(name, student, teacher):
     if student.shape[1] != teacher.shape[1] and student.dim() == teacher.dim():
         raise ValueError("%s: student has %d channels but teacher has %d; map the student to the teacher's channels "
                          "first (a connector, e.g. kdops.nn.OFDLoss)" % (name, student.shape[1], teacher.shape[1]))
-    if student.shape != teacher.shape:
-        raise ValueError("%s: student and teacher must have the same shape (b, C, *spatial), got %s and %s"
-                         % (name, tuple(student.shape), tuple(teacher.shape)))
-    if student.dtype != teacher.dtype:
-        raise ValueError("%s: student and teacher must have the same dtype, got %s and %s"
-                         % (name, student.dtype, teacher.dtype))
-    if student.device != teacher.device:
-        raise ValueError("%s: student and teacher must be on the same device, got %s and %s"
-                         % (name, student.device, teacher.device))
+    _check_same(name, "student", student, "teacher", teacher, "(b, C, *spatial)")
 
 
 def _check_margin(name, margin, x):
@@ -233,9 +229,7 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
         for arg, x in (("a", a), ("b", b)):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise ValueError("logsum_loss: %s must be a floating-point tensor" % arg)
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-            raise ValueError("logsum_loss: the pair must match in shape, dtype and device, got %s %s %s and %s %s %s"
-                             % (tuple(a.shape), a.dtype, a.device, tuple(b.shape), b.dtype, b.device))
+        _check_same("logsum_loss", "a", a, "b", b, "(any, matching)")
     else:
         a, b = delta_or_pair, None
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():

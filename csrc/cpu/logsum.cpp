@@ -56,10 +56,8 @@ KDOPS_CPU_CLONES void power_grad(const scalar_t* a, const scalar_t* b, int64_t n
 
 std::tuple<at::Tensor, at::Tensor> logsum_cpu(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
                                               double alpha, double eps) {
-  feature::check_logsum(a_in, b_in, alpha, eps);
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
-  const auto acc_type = at::toOpMathType(a.scalar_type());
+  const feature::LogsumCall c = feature::prepare_logsum(a_in, b_in, alpha, eps);
+  const at::Tensor &a = c.a, &b = c.b;
   const int k = feature::integer_power(alpha);
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "logsum_cpu", [&] {
@@ -74,20 +72,16 @@ std::tuple<at::Tensor, at::Tensor> logsum_cpu(const at::Tensor& a_in, const std:
         },
         [](double x, double y) { return x + y; });
   });
-  const auto opts = a.options().dtype(acc_type);
+  const auto opts = a.options().dtype(c.acc_type);
   return {at::full({}, std::log(total + eps), opts), at::full({}, total, opts)};
 }
 
 std::tuple<at::Tensor, at::Tensor> logsum_backward_cpu(const at::Tensor& grad, const at::Tensor& a_in,
                                                        const std::optional<at::Tensor>& b_in, const at::Tensor& total,
                                                        double alpha, double eps, bool a_grad, bool b_grad) {
-  feature::check_logsum(a_in, b_in, alpha, eps);
-  TORCH_CHECK(grad.numel() == 1 && total.numel() == 1, "kdops.logsum_backward: grad and total must be scalars");
-  TORCH_CHECK(!b_grad || b_in.has_value(), "kdops.logsum_backward: b_grad needs b");
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
-  at::Tensor ga = a_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
-  at::Tensor gb = b_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  const feature::LogsumCall c =
+      feature::prepare_logsum_backward(grad, a_in, b_in, total, alpha, eps, a_grad, b_grad);
+  const at::Tensor &a = c.a, &b = c.b, &ga = c.ga, &gb = c.gb;
   if (a.numel() == 0 || !(a_grad || b_grad)) return {ga, gb};
   const double coef = grad.item<double>() / (total.item<double>() + eps);
   const int k = feature::integer_power(alpha);

@@ -62,11 +62,10 @@ void walk_planes(int64_t p0, int64_t p1, int64_t hw, Chunk&& chunk, Segment&& se
 }
 
 at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
-  feature::check_pair("kdops.partial_l2", student, teacher);
-  const int64_t C = feature::check_map_and_margin("kdops.partial_l2", student, margin);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
-  const int64_t B = s.size(0), planes = B * C, hw = planes > 0 ? s.numel() / planes : 0;
-  at::Tensor plane_sums = at::empty({B, C}, m.options());
+  const feature::MapCall c = feature::prepare_maps("kdops.partial_l2", student, teacher, margin);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m;
+  const int64_t C = c.C, planes = c.planes, hw = c.hw;
+  at::Tensor plane_sums = at::empty({c.B, C}, m.options());
   if (planes == 0) return plane_sums.sum(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -96,15 +95,11 @@ at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
                                                            const at::Tensor& teacher, const at::Tensor& margin,
                                                            bool student_grad, bool teacher_grad) {
-  feature::check_pair("kdops.partial_l2_backward", student, teacher);
-  const int64_t C = feature::check_map_and_margin("kdops.partial_l2_backward", student, margin);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
-              student.size(0), ",), got ", grad.sizes());
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
-  const at::Tensor g = grad.to(m.scalar_type()).contiguous();
-  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
-  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
-  const int64_t planes = s.size(0) * C, hw = planes > 0 ? s.numel() / planes : 0;
+  const feature::MapGradCall c =
+      feature::prepare_maps_backward(grad, student, teacher, margin, student_grad, teacher_grad);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m, &g = c.g;
+  const at::Tensor &gs = c.gs, &gt = c.gt;
+  const int64_t C = c.C, planes = c.planes, hw = c.hw;
   if (planes == 0 || hw == 0 || !(student_grad || teacher_grad)) return {gs, gt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -153,15 +148,9 @@ KDOPS_CPU_CLONES void chunk_margin_relu(const acc_t* grad, const acc_t* x, int64
 
 template <bool Backward>
 at::Tensor margin_relu_impl(const at::Tensor* grad, const at::Tensor& x_in, const at::Tensor& margin) {
-  const int64_t C = feature::check_map_and_margin("kdops.margin_relu", x_in, margin);
-  const at::Tensor x = x_in.contiguous(), m = feature::kernel_margin(margin, x_in);
-  const at::Tensor g = Backward ? grad->contiguous() : at::Tensor();
-  if (Backward) {
-    TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
-                "kdops.margin_relu_backward: grad must match x in shape and dtype");
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t planes = x.size(0) * C, hw = planes > 0 ? x.numel() / planes : 0;
+  const feature::MarginReluCall c = feature::prepare_margin_relu(grad, x_in, margin);
+  const at::Tensor &x = c.x, &m = c.m, &g = c.g, &out = c.out;
+  const int64_t C = c.C, planes = c.planes, hw = c.hw;
   if (planes == 0 || hw == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -59,13 +59,12 @@ __global__ void __launch_bounds__(kThreads) logsum_backward_kernel(
 
 std::tuple<at::Tensor, at::Tensor> logsum_cuda(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in,
                                                double alpha, double eps) {
-  feature::check_logsum(a_in, b_in, alpha, eps);
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
+  const feature::LogsumCall c = feature::prepare_logsum(a_in, b_in, alpha, eps);
+  const at::Tensor &a = c.a, &b = c.b;
   const int64_t n = a.numel();
   const unsigned blocks = grid_for(n);
-  at::Tensor partials = at::empty({int64_t(blocks)}, a.options().dtype(at::toOpMathType(a.scalar_type())));
+  at::Tensor partials = at::empty({int64_t(blocks)}, a.options().dtype(c.acc_type));
   if (n == 0) {
     at::Tensor total = partials.zero_().sum();
     return {total.add(eps).log(), total};
@@ -85,18 +84,13 @@ std::tuple<at::Tensor, at::Tensor> logsum_cuda(const at::Tensor& a_in, const std
 std::tuple<at::Tensor, at::Tensor> logsum_backward_cuda(const at::Tensor& grad, const at::Tensor& a_in,
                                                         const std::optional<at::Tensor>& b_in, const at::Tensor& total,
                                                         double alpha, double eps, bool a_grad, bool b_grad) {
-  feature::check_logsum(a_in, b_in, alpha, eps);
-  TORCH_CHECK(grad.numel() == 1 && total.numel() == 1, "kdops.logsum_backward: grad and total must be scalars");
-  TORCH_CHECK(!b_grad || b_in.has_value(), "kdops.logsum_backward: b_grad needs b");
   const c10::cuda::CUDAGuard guard(a_in.device());
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : at::Tensor();
-  at::Tensor ga = a_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
-  at::Tensor gb = b_grad ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  const feature::LogsumCall c =
+      feature::prepare_logsum_backward(grad, a_in, b_in, total, alpha, eps, a_grad, b_grad);
+  const at::Tensor &a = c.a, &b = c.b, &ga = c.ga, &gb = c.gb;
   const int64_t n = a.numel();
   if (n == 0 || !(a_grad || b_grad)) return {ga, gb};
-  const auto acc_type = at::toOpMathType(a.scalar_type());
-  const at::Tensor g = grad.to(acc_type).contiguous(), tot = total.to(acc_type).contiguous();
+  const at::Tensor g = grad.to(c.acc_type).contiguous(), tot = total.to(c.acc_type).contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "logsum_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -81,11 +81,10 @@ __global__ void __launch_bounds__(kThreads) margin_relu_kernel(const scalar_t* _
 }
 
 at::Tensor partial_l2_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
-  feature::check_pair("kdops.partial_l2", student, teacher);
-  const int64_t C = feature::check_map_and_margin("kdops.partial_l2", student, margin);
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
-  const int64_t B = s.size(0), per_sample = B > 0 ? s.numel() / B : 0, hw = C > 0 ? per_sample / C : 0;
+  const feature::MapCall c = feature::prepare_maps("kdops.partial_l2", student, teacher, margin);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m;
+  const int64_t C = c.C, B = c.B, hw = c.hw, per_sample = C * hw;
   const int64_t chunks = std::max<int64_t>(1, (per_sample + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({B, chunks}, m.options());
   if (B == 0 || per_sample == 0) return partials.zero_().sum(1);
@@ -105,16 +104,12 @@ at::Tensor partial_l2_cuda(const at::Tensor& student, const at::Tensor& teacher,
 std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cuda(const at::Tensor& grad, const at::Tensor& student,
                                                             const at::Tensor& teacher, const at::Tensor& margin,
                                                             bool student_grad, bool teacher_grad) {
-  feature::check_pair("kdops.partial_l2_backward", student, teacher);
-  const int64_t C = feature::check_map_and_margin("kdops.partial_l2_backward", student, margin);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
-              student.size(0), ",), got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), m = feature::kernel_margin(margin, student);
-  const at::Tensor g = grad.to(m.scalar_type()).contiguous();
-  at::Tensor gs = student_grad ? at::empty(s.sizes(), s.options()) : at::empty({0}, s.options());
-  at::Tensor gt = teacher_grad ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
-  const int64_t n = s.numel(), B = s.size(0), per_sample = B > 0 ? n / B : 0, hw = C > 0 ? per_sample / C : 0;
+  const feature::MapGradCall c =
+      feature::prepare_maps_backward(grad, student, teacher, margin, student_grad, teacher_grad);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m, &g = c.g;
+  const at::Tensor &gs = c.gs, &gt = c.gt;
+  const int64_t n = s.numel(), C = c.C, hw = c.hw, per_sample = C * hw;
   if (n == 0 || !(student_grad || teacher_grad)) return {gs, gt};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_backward_cuda", [&] {
@@ -134,16 +129,10 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cuda(const at::Tensor& gr
 
 template <bool Backward>
 at::Tensor margin_relu_cuda_impl(const at::Tensor* grad, const at::Tensor& x_in, const at::Tensor& margin) {
-  const int64_t C = feature::check_map_and_margin("kdops.margin_relu", x_in, margin);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), m = feature::kernel_margin(margin, x_in);
-  const at::Tensor g = Backward ? grad->contiguous() : at::Tensor();
-  if (Backward) {
-    TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type(),
-                "kdops.margin_relu_backward: grad must match x in shape and dtype");
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t n = x.numel(), hw = n > 0 ? n / (x.size(0) * C) : 0;
+  const feature::MarginReluCall c = feature::prepare_margin_relu(grad, x_in, margin);
+  const at::Tensor &x = c.x, &m = c.m, &g = c.g, &out = c.out;
+  const int64_t n = x.numel(), C = c.C, hw = c.hw;
   if (n == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "margin_relu_cuda", [&] {

@@ -1,8 +1,10 @@
-// Host-side checks shared by the CPU and CUDA entry points of the feature-map ops.
+// Host-side glue shared by the CPU and CUDA entry points of the feature-map ops: checks, contiguous
+// inputs and output allocation.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -40,6 +42,91 @@ inline void check_logsum(const at::Tensor& a, const std::optional<at::Tensor>& b
   if (b.has_value()) check_pair("kdops.logsum", a, *b);
   TORCH_CHECK(alpha > 0.0, "kdops.logsum: alpha must be > 0, got ", alpha);
   TORCH_CHECK(eps >= 0.0, "kdops.logsum: eps must be >= 0, got ", eps);
+}
+
+// Checked, contiguous (b, C, *spatial) maps of partial_l2 and the margin as the kernels read it.
+struct MapCall {
+  at::Tensor s, t, m;
+  int64_t C, B, planes, hw;  // planes = B * C, each of hw contiguous elements
+};
+
+inline MapCall prepare_maps(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                            const at::Tensor& margin) {
+  check_pair(op, student, teacher);
+  MapCall c;
+  c.C = check_map_and_margin(op, student, margin);
+  c.s = student.contiguous();
+  c.t = teacher.contiguous();
+  c.m = kernel_margin(margin, student);
+  c.B = c.s.size(0);
+  c.planes = c.B * c.C;
+  c.hw = c.planes > 0 ? c.s.numel() / c.planes : 0;
+  return c;
+}
+
+// ... plus the per-sample gradient in the accumulation type and the allocated gradients.
+struct MapGradCall : MapCall {
+  at::Tensor g, gs, gt;
+};
+
+inline MapGradCall prepare_maps_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                         const at::Tensor& margin, bool student_grad, bool teacher_grad) {
+  MapGradCall c;
+  static_cast<MapCall&>(c) = prepare_maps("kdops.partial_l2_backward", student, teacher, margin);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
+              student.size(0), ",), got ", grad.sizes());
+  c.g = grad.to(c.m.scalar_type()).contiguous();
+  c.gs = student_grad ? at::empty(c.s.sizes(), c.s.options()) : at::empty({0}, c.s.options());
+  c.gt = teacher_grad ? at::empty(c.t.sizes(), c.t.options()) : at::empty({0}, c.t.options());
+  return c;
+}
+
+// margin_relu (grad == nullptr) or its backward: checked inputs and the allocated output.
+struct MarginReluCall {
+  at::Tensor x, m, g, out;
+  int64_t C, planes, hw;
+};
+
+inline MarginReluCall prepare_margin_relu(const at::Tensor* grad, const at::Tensor& x, const at::Tensor& margin) {
+  MarginReluCall c;
+  c.C = check_map_and_margin("kdops.margin_relu", x, margin);
+  c.x = x.contiguous();
+  c.m = kernel_margin(margin, x);
+  if (grad != nullptr) {
+    TORCH_CHECK(grad->sizes() == x.sizes() && grad->scalar_type() == x.scalar_type(),
+                "kdops.margin_relu_backward: grad must match x in shape and dtype");
+    c.g = grad->contiguous();
+  }
+  c.out = at::empty(c.x.sizes(), c.x.options());
+  c.planes = c.x.size(0) * c.C;
+  c.hw = c.planes > 0 ? c.x.numel() / c.planes : 0;
+  return c;
+}
+
+// logsum and its backward: checked contiguous inputs (b undefined when absent) and allocated gradients.
+struct LogsumCall {
+  at::Tensor a, b, ga, gb;
+  at::ScalarType acc_type;
+};
+
+inline LogsumCall prepare_logsum(const at::Tensor& a, const std::optional<at::Tensor>& b, double alpha, double eps) {
+  check_logsum(a, b, alpha, eps);
+  LogsumCall c;
+  c.a = a.contiguous();
+  if (b.has_value()) c.b = b->contiguous();
+  c.acc_type = at::toOpMathType(a.scalar_type());
+  return c;
+}
+
+inline LogsumCall prepare_logsum_backward(const at::Tensor& grad, const at::Tensor& a,
+                                          const std::optional<at::Tensor>& b, const at::Tensor& total, double alpha,
+                                          double eps, bool a_grad, bool b_grad) {
+  LogsumCall c = prepare_logsum(a, b, alpha, eps);
+  TORCH_CHECK(grad.numel() == 1 && total.numel() == 1, "kdops.logsum_backward: grad and total must be scalars");
+  TORCH_CHECK(!b_grad || b.has_value(), "kdops.logsum_backward: b_grad needs b");
+  c.ga = a_grad ? at::empty(c.a.sizes(), c.a.options()) : at::empty({0}, c.a.options());
+  c.gb = b_grad ? at::empty(c.a.sizes(), c.a.options()) : at::empty({0}, c.a.options());
+  return c;
 }
 
 }  // namespace feature
