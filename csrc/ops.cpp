@@ -14,6 +14,10 @@ TORCH_LIBRARY(kdops, m) {
       "float temperature, str divergence, float alpha, float beta, int ignore_index, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Test only: the CUDA forward algorithm of kd_div (per-thread online updates, tree merge) run on the host.
+  m.def(
+      "_kd_div_emulate_device(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, "
+      "float alpha, float beta, int ignore_index, int threads) -> (Tensor, Tensor)");
 
   // Overhaul of feature distillation: max(x, margin[c]) over (b, C, *spatial), and the fused partial L2
   // sum over positions where s > max(t, m) or max(t, m) > 0, per sample (b,) in the accumulation dtype.

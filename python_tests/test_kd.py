@@ -387,3 +387,4 @@ def test_op_level_errors_name_the_argument():
         torch.ops.kdops.kd_div(s, t, None, 0.0, "kl", 0.0, 0.0, -100)
     with pytest.raises(RuntimeError, match="dkd needs a target"):
         torch.ops.kdops.kd_div(s, t, None, 1.0, "dkd", 0.0, 0.0, -100)
+
