@@ -77,21 +77,6 @@ def _check_target(name, target, logits, required):
     return target.long()
 
 
-def _reduce(name, rows, reduction, target, ignore_index, num_classes):
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if target is None:
-        count = rows.numel()
-    else:
-        count = (target != ignore_index).sum().clamp_min(1).to(total.dtype)
-    if reduction == "batchmean":
-        return total / count
-    return total / (count * num_classes)
-
-
 def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduction, scale, target,
             ignore_index, alpha=0.0, beta=0.0, target_required=False):
     _check_logits(name, student_logits, teacher_logits)
@@ -99,10 +84,26 @@ def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduc
     if reduction not in REDUCTIONS:
         raise ValueError("%s: reduction must be one of %s, got %r" % (name, REDUCTIONS, reduction))
     target = _check_target(name, target, student_logits, target_required)
-    rows, _ = torch.ops.kdops.kd_div(student_logits, teacher_logits, target, float(temperature), divergence,
-                                     float(alpha), float(beta), int(ignore_index))
-    loss = _reduce(name, rows, reduction, target, ignore_index, student_logits.shape[-1])
-    return loss * scale if scale != 1.0 else loss
+    num_classes = student_logits.shape[-1]
+    rows = student_logits.numel() // num_classes
+    # Constant factors go into the kernel, which saves autograd nodes (a quarter of the fixed cost at small
+    # sizes). A 1/rows factor is left out for fp16, whose scaled per-row values could leave its normal range.
+    op_scale = float(scale)
+    folded = target is None and reduction in ("batchmean", "mean") and student_logits.dtype != torch.float16
+    if folded:
+        op_scale /= rows if reduction == "batchmean" else rows * num_classes
+    per_row, _ = torch.ops.kdops.kd_div(student_logits, teacher_logits, target, float(temperature), divergence,
+                                        float(alpha), float(beta), int(ignore_index), op_scale)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum" or folded:
+        return total
+    if target is None:
+        count = rows
+    else:
+        count = (target != ignore_index).sum().clamp_min(1).to(total.dtype)
+    return total / count if reduction == "batchmean" else total / (count * num_classes)
 
 
 def kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmean", scale_t2=True, target=None,

@@ -289,11 +289,29 @@ def test_opcheck(device, divergence, dtype):
     y[1, 1] = -100
     target = y if divergence == "dkd" else None
     torch.library.opcheck(torch.ops.kdops.kd_div.default, (s, t, target, 2.0, divergence, 1.0, 0.3, -100))
+    torch.library.opcheck(torch.ops.kdops.kd_div.default, (s, t, target, 2.0, divergence, 1.0, 0.3, -100, 0.25))
     _, stats = torch.ops.kdops.kd_div(s, t, y, 2.0, divergence, 1.0, 0.3, -100)
     grad = torch.rand(4, 3, device=device, dtype=dtype)
     for ws, wt in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.kdops.kd_div_backward.default,
-                              (grad, s.detach(), t.detach(), y, stats, 2.0, divergence, 1.0, 0.3, -100, ws, wt))
+                              (grad, s.detach(), t.detach(), y, stats, 2.0, divergence, 1.0, 0.3, -100, ws, wt, 0.25))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "dkd"])
+def test_op_scale_is_linear(device, divergence):
+    # kd_div's `scale` (the reduction constants folded into the kernel) scales values and gradients exactly
+    s, t = logits((5, 2, 13), device), logits((5, 2, 13), device)
+    y = torch.randint(0, 13, (5, 2), device=device)
+    args = (y, 3.0, divergence, 0.5, 0.3, -100)
+    one, stats = torch.ops.kdops.kd_div(s, t, *args)
+    scaled, _ = torch.ops.kdops.kd_div(s, t, *args, 0.125)
+    torch.testing.assert_close(scaled, one * 0.125)
+    grad = torch.rand(5, 2, device=device)
+    g_one = torch.ops.kdops.kd_div_backward(grad, s, t, y, stats, *args[1:], True, True)
+    g_scaled = torch.ops.kdops.kd_div_backward(grad, s, t, y, stats, *args[1:], True, True, 0.125)
+    for a, b in zip(g_scaled, g_one):
+        torch.testing.assert_close(a, b * 0.125)
 
 
 @pytest.mark.parametrize("name", ["kd", "dkd"])

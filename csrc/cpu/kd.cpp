@@ -123,7 +123,7 @@ int64_t row_grain(int64_t C) {
 
 template <typename scalar_t, Divergence D>
 void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_t* target, int64_t N, int64_t C,
-                  double temperature, double w1, double w2, int64_t ignore_index, scalar_t* loss,
+                  double temperature, double w1, double w2, int64_t ignore_index, double scale, scalar_t* loss,
                   at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
@@ -161,7 +161,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
         });
         value = kd::jsd_finish(kl_sm, kl_tm, acc_t(w1), st_row);
       }
-      loss[r] = static_cast<scalar_t>(value);
+      loss[r] = static_cast<scalar_t>(value * acc_t(scale));
     }
   });
 }
@@ -169,7 +169,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
 template <typename scalar_t, Divergence D, bool WS, bool WT>
 void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t* teacher, const int64_t* target,
                    const at::opmath_type<scalar_t>* stats, int64_t N, int64_t C, double temperature, double w1,
-                   double w2, int64_t ignore_index, scalar_t* grad_s, scalar_t* grad_t) {
+                   double w2, int64_t ignore_index, double scale, scalar_t* grad_s, scalar_t* grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
   at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
@@ -190,7 +190,7 @@ void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t
       const scalar_t* t = teacher + r * C;
       const acc_t xs_y = D == Divergence::DKD ? acc_t(s[y]) : acc_t(0);
       const acc_t xt_y = D == Divergence::DKD ? acc_t(t[y]) : acc_t(0);
-      const kd::GradRow<acc_t> g = kd::grad_row<D>(stats + r * kd::kNumStats, acc_t(grad[r]), inv_t, acc_t(w1),
+      const kd::GradRow<acc_t> g = kd::grad_row<D>(stats + r * kd::kNumStats, acc_t(grad[r]) * acc_t(scale), inv_t, acc_t(w1),
                                                    acc_t(w2), xs_y, xt_y);
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(C, c0 + kChunk) - c0;
@@ -213,7 +213,7 @@ void backward_rows(const scalar_t* grad, const scalar_t* student, const scalar_t
 std::tuple<at::Tensor, at::Tensor> kd_div_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                               const std::optional<at::Tensor>& target, double temperature,
                                               std::string_view divergence, double alpha, double beta,
-                                              int64_t ignore_index) {
+                                              int64_t ignore_index, double scale) {
   kd::KdCall c = kd::prepare_forward(student, teacher, target, temperature, divergence, alpha, beta);
   if (c.N == 0 || c.C == 0) return {c.out0, c.out1};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_cpu", [&] {
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_cpu(const at::Tensor& student, const a
     kd::dispatch_divergence(c.div, [&](auto dc) {
       forward_rows<scalar_t, decltype(dc)::value>(c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
                                                   c.target_ptr(), c.N, c.C, temperature, c.w1, c.w2, ignore_index,
-                                                  c.out0.mutable_data_ptr<scalar_t>(), c.out1.mutable_data_ptr<acc_t>());
+                                                  scale, c.out0.mutable_data_ptr<scalar_t>(), c.out1.mutable_data_ptr<acc_t>());
     });
   });
   return {c.out0, c.out1};
@@ -231,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
                                                        const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                                                        const at::Tensor& stats, double temperature,
                                                        std::string_view divergence, double alpha, double beta,
-                                                       int64_t ignore_index, bool student_grad, bool teacher_grad) {
+                                                       int64_t ignore_index, bool student_grad, bool teacher_grad,
+                                                       double scale) {
   kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
                                       student_grad, teacher_grad);
   if (c.N == 0 || c.C == 0 || !(student_grad || teacher_grad)) return {c.out0, c.out1};
@@ -242,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
       dispatch_grad_flags(student_grad, teacher_grad, [&](auto ws, auto wt) {
         backward_rows<scalar_t, decltype(dc)::value, decltype(ws)::value, decltype(wt)::value>(
             g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
-            c.target_ptr(), st.const_data_ptr<acc_t>(), c.N, c.C, temperature, c.w1, c.w2, ignore_index,
+            c.target_ptr(), st.const_data_ptr<acc_t>(), c.N, c.C, temperature, c.w1, c.w2, ignore_index, scale,
             student_grad ? c.out0.mutable_data_ptr<scalar_t>() : nullptr,
             teacher_grad ? c.out1.mutable_data_ptr<scalar_t>() : nullptr);
       });

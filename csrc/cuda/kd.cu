@@ -54,6 +54,7 @@ __global__ void __launch_bounds__(kBlock) kd_div_forward_kernel(const scalar_t* 
                                                                 at::opmath_type<scalar_t> inv_t,
                                                                 at::opmath_type<scalar_t> w1,
                                                                 at::opmath_type<scalar_t> w2, int64_t ignore_index,
+                                                                at::opmath_type<scalar_t> scale,
                                                                 scalar_t* __restrict__ loss,
                                                                 at::opmath_type<scalar_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kBlock) kd_div_forward_kernel(const scalar_t* 
     const acc_t xt_y = skip >= 0 ? acc_t(t[skip]) : acc_t(0);
     const acc_t value = kd::finish_row<D>(state, inv_t, w1, w2, xs_y, xt_y, row_stats);
     if (D != Divergence::JSD) {
-      loss[r] = static_cast<scalar_t>(value);
+      loss[r] = static_cast<scalar_t>(value * scale);
       for (int i = 0; i < kd::kNumStats; ++i) st_row[i] = row_stats[i];
     }
   }
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(kBlock) kd_div_forward_kernel(const scalar_t* 
     }
     p = PairReduce(tmp.pair).Reduce(p, SumPairs{});
     if (threadIdx.x == 0) {
-      loss[r] = static_cast<scalar_t>(kd::jsd_finish(p.a, p.b, w1, row_stats));
+      loss[r] = static_cast<scalar_t>(kd::jsd_finish(p.a, p.b, w1, row_stats) * scale);
       for (int i = 0; i < kd::kNumStats; ++i) st_row[i] = row_stats[i];
     }
   }
@@ -113,7 +114,8 @@ __global__ void __launch_bounds__(kBlock) kd_div_backward_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
     const int64_t* __restrict__ target, const at::opmath_type<scalar_t>* __restrict__ stats, int64_t C,
     at::opmath_type<scalar_t> inv_t, at::opmath_type<scalar_t> w1, at::opmath_type<scalar_t> w2,
-    int64_t ignore_index, scalar_t* __restrict__ grad_s, scalar_t* __restrict__ grad_t) {
+    int64_t ignore_index, at::opmath_type<scalar_t> scale, scalar_t* __restrict__ grad_s,
+    scalar_t* __restrict__ grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = blockIdx.x;
   const int64_t y = target != nullptr ? target[r] : -1;
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(kBlock) kd_div_backward_kernel(
   const acc_t xs_y = D == Divergence::DKD ? acc_t(s[y]) : acc_t(0);
   const acc_t xt_y = D == Divergence::DKD ? acc_t(t[y]) : acc_t(0);
   const kd::GradRow<acc_t> g =
-      kd::grad_row<D>(stats + r * kd::kNumStats, acc_t(grad[r]), inv_t, w1, w2, xs_y, xt_y);
+      kd::grad_row<D>(stats + r * kd::kNumStats, acc_t(grad[r]) * scale, inv_t, w1, w2, xs_y, xt_y);
   for (int64_t k = threadIdx.x; k < C; k += kBlock) {
     acc_t a, b;
     kd::grad_elem<D>(g, acc_t(s[k]), acc_t(t[k]), a, b);
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(kBlock) kd_div_backward_kernel(
 std::tuple<at::Tensor, at::Tensor> kd_div_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& target, double temperature,
                                                std::string_view divergence, double alpha, double beta,
-                                               int64_t ignore_index) {
+                                               int64_t ignore_index, double scale) {
   const c10::cuda::CUDAGuard guard(student.device());
   kd::KdCall c = kd::prepare_forward(student, teacher, target, temperature, divergence, alpha, beta);
   if (c.N == 0 || c.C == 0) return {c.out0, c.out1};
@@ -159,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> kd_div_cuda(const at::Tensor& student, const 
     kd::dispatch_divergence(c.div, [&](auto dc) {
       kd_div_forward_kernel<scalar_t, decltype(dc)::value><<<static_cast<unsigned>(c.N), kBlock, 0, stream>>>(
           c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(), c.target_ptr(), c.C,
-          acc_t(1.0 / temperature), acc_t(c.w1), acc_t(c.w2), ignore_index, c.out0.mutable_data_ptr<scalar_t>(),
+          acc_t(1.0 / temperature), acc_t(c.w1), acc_t(c.w2), ignore_index, acc_t(scale),
+          c.out0.mutable_data_ptr<scalar_t>(),
           c.out1.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -172,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cuda(const at::Tensor& grad, 
                                                         const std::optional<at::Tensor>& target,
                                                         const at::Tensor& stats, double temperature,
                                                         std::string_view divergence, double alpha, double beta,
-                                                        int64_t ignore_index, bool student_grad, bool teacher_grad) {
+                                                        int64_t ignore_index, bool student_grad, bool teacher_grad,
+                                                        double scale) {
   const c10::cuda::CUDAGuard guard(student.device());
   kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
                                       student_grad, teacher_grad);
@@ -189,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cuda(const at::Tensor& grad, 
             <<<static_cast<unsigned>(c.N), kBlock, 0, stream>>>(
                 g.const_data_ptr<scalar_t>(), c.s.const_data_ptr<scalar_t>(), c.t.const_data_ptr<scalar_t>(),
                 c.target_ptr(), st.const_data_ptr<acc_t>(), c.C, acc_t(1.0 / temperature), acc_t(c.w1),
-                acc_t(c.w2), ignore_index, student_grad ? c.out0.mutable_data_ptr<scalar_t>() : nullptr,
+                acc_t(c.w2), ignore_index, acc_t(scale), student_grad ? c.out0.mutable_data_ptr<scalar_t>() : nullptr,
                 teacher_grad ? c.out1.mutable_data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
