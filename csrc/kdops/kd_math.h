@@ -99,17 +99,17 @@ KDOPS_HOST_DEVICE void push(RowState<acc_t>& st, acc_t xs, acc_t xt, acc_t inv_t
   push_one(xt, d, inv_t, st.mt, st.zt, st.at);
 }
 
-// KL(p_t || p_s) from the row state; 0 over an empty set of classes.
+// KL(p_t || p_s) from the row state and its stored log-normalisers (store_stats first); 0 over an empty set.
 template <typename acc_t>
-KDOPS_HOST_DEVICE acc_t kl_teacher_student(const RowState<acc_t>& st, acc_t inv_t) {
+KDOPS_HOST_DEVICE acc_t kl_teacher_student(const RowState<acc_t>& st, acc_t inv_t, const acc_t* stats) {
   if (st.zt == acc_t(0)) return acc_t(0);  // NaN must not take this exit
-  return st.at / st.zt + (st.ms - st.mt) * inv_t + log_(st.zs) - log_(st.zt);
+  return st.at / st.zt + (st.ms - st.mt) * inv_t + stats[1] - stats[3];
 }
 
 template <typename acc_t>
-KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t) {
+KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t, const acc_t* stats) {
   if (st.zs == acc_t(0)) return acc_t(0);
-  return st.as / st.zs + (st.mt - st.ms) * inv_t + log_(st.zt) - log_(st.zs);
+  return st.as / st.zs + (st.mt - st.ms) * inv_t + stats[3] - stats[1];
 }
 
 // E_pt[t - s] and E_ps[s - t] from the row state; 0 over an empty set of classes.
@@ -270,13 +270,13 @@ KDOPS_HOST_DEVICE acc_t finish_row(const RowState<acc_t>& st, acc_t inv_t, acc_t
                                    acc_t* stats) {
   if (D == Divergence::KL) {
     store_stats(st, mean_t_minus_s(st), acc_t(0), stats);
-    return kl_teacher_student(st, inv_t);
+    return kl_teacher_student(st, inv_t, stats);
   } else if (D == Divergence::ReverseKL) {
     store_stats(st, mean_s_minus_t(st), acc_t(0), stats);
-    return kl_student_teacher(st, inv_t);
+    return kl_student_teacher(st, inv_t, stats);
   } else if (D == Divergence::DKD) {
     store_stats(st, mean_t_minus_s(st), acc_t(0), stats);
-    return w1 * dkd_row(stats, xs_y, xt_y, inv_t).tckd + w2 * kl_teacher_student(st, inv_t);
+    return w1 * dkd_row(stats, xs_y, xt_y, inv_t).tckd + w2 * kl_teacher_student(st, inv_t, stats);
   } else {
     store_stats(st, acc_t(0), acc_t(0), stats);
     return acc_t(0);
