@@ -157,7 +157,8 @@ def print_config(cfg):
 def extensions(cfg):
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/ops*.cpp: the schemas, one TORCH_LIBRARY plus a TORCH_LIBRARY_FRAGMENT per op family
+    sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/ops*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if cfg["debug"] else ["-O3"]
     # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless the extension itself is built with it
     # (libgomp then resolves to the one torch already loaded). -fno-trapping-math lets GCC if-convert the
