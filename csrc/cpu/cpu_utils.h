@@ -102,6 +102,31 @@ KDOPS_CPU_CLONES void store_floats(const float* in, T* p, int64_t n) {
   }
 }
 
+// One element as float / from float, for loops that convert in place instead of through a chunk buffer;
+// the same branch-free conversions as above, so these loops vectorise too.
+inline float to_acc(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
+inline float to_acc(c10::Half x) { return half_bits_to_float(x.x); }
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+
+template <typename T>
+inline T from_acc(float v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(v != v ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(float_to_half_bits(v), c10::Half::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+template <typename T>
+inline T from_acc(double v) {
+  return static_cast<T>(v);
+}
+
 }  // namespace
 
 // Gives a chunk of input as acc_t: a pointer into the input when no conversion is needed, else a copy.

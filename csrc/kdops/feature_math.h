@@ -7,10 +7,17 @@
 namespace kdops {
 namespace feature {
 
-// Teacher transform of the Overhaul: max(t, m), NaN passed on.
+// Teacher transform of the Overhaul: max(t, m), NaN passed on (m > NaN is false). Written so that it maps
+// onto one max instruction.
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
-  return (t > m || t != t) ? t : m;
+  return m > t ? m : t;
+}
+
+// Partial-L2 mask: false only where s <= t^ <= 0; NaN keeps the position, so NaN reaches the sum.
+template <typename acc_t>
+KDOPS_HOST_DEVICE bool partial_l2_keep(acc_t s, acc_t th) {
+  return !(s <= th && th <= acc_t(0));
 }
 
 // Partial L2 term: (s - t^)^2 where s > t^ or t^ > 0; positions with s <= t^ <= 0 are skipped.
@@ -18,7 +25,7 @@ template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t partial_l2_term(acc_t s, acc_t t, acc_t m) {
   const acc_t th = margin_relu(t, m);
   const acc_t d = s - th;
-  return (s > th || th > acc_t(0)) ? d * d : (d == d ? acc_t(0) : d);
+  return partial_l2_keep(s, th) ? d * d : acc_t(0);
 }
 
 // Gradients of g * term w.r.t. s and t (t^ = max(t, m) passes gradient only where t > m).
@@ -26,7 +33,7 @@ template <typename acc_t>
 KDOPS_HOST_DEVICE void partial_l2_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
   const acc_t th = margin_relu(t, m);
   const acc_t d = s - th;
-  const bool keep = s > th || th > acc_t(0);
+  const bool keep = partial_l2_keep(s, th);
   gs = keep ? acc_t(2) * d * g : acc_t(0);
   gt = (keep && t > m) ? -gs : acc_t(0);
 }
