@@ -297,7 +297,7 @@ def _train(args, rank, world, device):
             b = len(idx)
             sums[0] += loss.item() * b
             sums[1] += ce.item() * b
-            sums[2] += float(kd) * b
+            sums[2] += float(kd.detach()) * b
             sums[3] += (logits.argmax(1) == y).sum().item()
             sums[4] += b
             bar.set_postfix(loss="%.3f" % (sums[0] / sums[4]), acc="%.3f" % (sums[3] / sums[4]))
