@@ -1,9 +1,10 @@
-"""`make demo`: distillation on scikit-learn's digits with the kdops trainer, in a couple of minutes on a CPU.
+"""`make demo`: distillation on scikit-learn's digits (or `--dataset mnist1d`) with the kdops trainer, on a CPU.
 
-Trains a teacher (cnn-l, 370k parameters), then a student (cnn-s, 6k parameters) alone and with each method in
-``METHODS``, over several seeds, and prints: method, test accuracy (mean and spread over seeds), training time
-per epoch, and the time of the method's loss (forward + backward on one batch of the run's own student and
-teacher outputs) with the kdops ops and with the pure-PyTorch reference of the same loss. Writes the table
+Trains a teacher (cnn-l, 370k parameters; cnn1d-l on mnist1d), then a student (cnn-s, 6k parameters; cnn1d-s)
+alone and with each method in ``METHODS``, over several seeds, and prints: method, test accuracy (mean and
+spread over seeds), training time per epoch, and the time of the method's term (forward + backward on one batch
+of student and teacher outputs, its connector / projector included) with the kdops ops and with the
+pure-PyTorch reference losses in their place. Writes the table
 (``results.md``, ``results.json``), an accuracy plot (``accuracy.png``) and every run's directory under
 ``runs/demo/``. Adding a method to the demo is adding its name to ``METHODS``.
 """
@@ -42,10 +43,10 @@ def median_ms(fn, repeats):
     return statistics.median(times) * 1e3
 
 
-def loss_times(method_name, teacher_dir, student_model, batch, repeats):
+def loss_times(method_name, dataset, teacher_dir, student_model, batch, repeats):
     """(kdops ms, reference ms, |difference|) of the method's loss, forward + backward, on one batch."""
     method = methods.get(method_name)
-    d = data.load("digits")
+    d = data.load(dataset)
     ck = load_checkpoint(teacher_dir)
     teacher = models.build(ck["model"], ck["num_classes"], ck["input_shape"])
     teacher.load_state_dict(ck["model_state"])
@@ -74,7 +75,7 @@ def loss_times(method_name, teacher_dir, student_model, batch, repeats):
     return t_ours, t_ref, abs(ours.item() - ref.item())
 
 
-def plot(out_dir, curves, teacher_curve):
+def plot(out_dir, curves, teacher_curve, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,8 +87,7 @@ def plot(out_dir, curves, teacher_curve):
         ax.plot(range(1, len(curve) + 1), curve, label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title("digits: cnn-s students of a cnn-l teacher")
-    ax.set_ylim(0.5, 1.0)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -98,6 +98,7 @@ def plot(out_dir, curves, teacher_curve):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, default=15)
@@ -113,20 +114,22 @@ def main(argv=None):
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out)
-    common = ["--dataset", "digits", "--batch-size", 64, "--lr", 0.05, "--no-progress"]
+    d = data.load(args.dataset)
+    t_model, s_model = train.default_model(d, "teacher"), train.default_model(d, "student")
+    common = ["--dataset", args.dataset, "--batch-size", 64, "--lr", 0.05, "--no-progress"]
 
     teacher_dir = os.path.join(args.out, "teacher")
-    run_quiet(["teacher", "--model", "cnn-l", "--epochs", args.teacher_epochs, "--out", teacher_dir, *common],
+    run_quiet(["teacher", "--model", t_model, "--epochs", args.teacher_epochs, "--out", teacher_dir, *common],
               os.path.join(args.out, "teacher.log"))
     teacher_hist = load_checkpoint(teacher_dir)["history"]
-    print("teacher cnn-l: test acc %.4f, %.2f s/epoch" % (teacher_hist[-1]["test_acc"],
-                                                        statistics.mean(r["epoch_time"] for r in teacher_hist)))
+    print("teacher %s: test acc %.4f, %.2f s/epoch" % (t_model, teacher_hist[-1]["test_acc"],
+                                                      statistics.mean(r["epoch_time"] for r in teacher_hist)))
     rows, curves = [], {}
     for name in args.methods:
         accs, epoch_times, hists = [], [], []
         for seed in range(args.seeds):
             out = os.path.join(args.out, "%s-seed%d" % (name, seed))
-            run_quiet(["distill", "--method", name, "--teacher", teacher_dir, "--model", "cnn-s", "--seed", seed,
+            run_quiet(["distill", "--method", name, "--teacher", teacher_dir, "--model", s_model, "--seed", seed,
                        "--epochs", args.epochs, "--out", out, *common], out + ".log")
             hist = load_checkpoint(out)["history"]
             hists.append([r["test_acc"] for r in hist])
@@ -135,7 +138,7 @@ def main(argv=None):
         curves[name] = [statistics.mean(v) for v in zip(*hists)]
         t_ours = t_ref = diff = None
         if name != "none":
-            t_ours, t_ref, diff = loss_times(name, teacher_dir, "cnn-s", 64, args.repeats)
+            t_ours, t_ref, diff = loss_times(name, args.dataset, teacher_dir, s_model, 64, args.repeats)
         row = {"method": name, "test_acc_mean": statistics.mean(accs),
                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                "s_per_epoch": statistics.mean(epoch_times), "loss_ms_kdops": t_ours, "loss_ms_reference": t_ref,
@@ -146,7 +149,7 @@ def main(argv=None):
     header = ("| method | test acc (mean ± std, %d seeds) | s / epoch | loss ms kdops | loss ms reference | "
               "reference / kdops |" % args.seeds)
     lines = [header, "|---|---|---|---|---|---|"]
-    lines.append("| teacher (cnn-l) | %.4f | %.3f | | | |" % (
+    lines.append("| teacher (%s) | %.4f | %.3f | | | |" % (t_model,
         teacher_hist[-1]["test_acc"], statistics.mean(r["epoch_time"] for r in teacher_hist)))
     for r in rows:
         timing = "| | |" if r["loss_ms_kdops"] is None else "%.3f | %.3f | %.2fx |" % (
@@ -156,15 +159,18 @@ def main(argv=None):
             r["s_per_epoch"], timing))
     table = "\n".join(lines)
     total = time.perf_counter() - start
-    note = ("digits (1438 train / 359 test), teacher cnn-l %d epochs, students cnn-s %d epochs, SGD + cosine, "
-            "batch 64. Loss times: forward + backward of the method's loss on one batch of 64 (median of %d).\n"
-            "Total demo time %.0f s." % (args.teacher_epochs, args.epochs, args.repeats, total))
+    note = ("%s (%d train / %d test), teacher %s %d epochs, students %s %d epochs, SGD + cosine, batch 64. Loss "
+            "times: forward + backward of the method's term (connector / projector included) on one batch of 64, "
+            "median of %d.\nTotal demo time %.0f s."
+            % (args.dataset, len(d.y_train), len(d.y_test), t_model, args.teacher_epochs, s_model, args.epochs,
+               args.repeats, total))
     print("\n" + table + "\n\n" + note)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n\n" + note + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"teacher_test_acc": teacher_hist[-1]["test_acc"], "rows": rows, "total_s": total}, f, indent=2)
-    plot(args.out, curves, [r["test_acc"] for r in teacher_hist])
+    plot(args.out, curves, [r["test_acc"] for r in teacher_hist],
+         "%s: %s students of a %s teacher" % (args.dataset, s_model, t_model))
     return rows
 
 
