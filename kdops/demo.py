@@ -99,7 +99,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("runs", "demo"))
     p.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=15, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--methods", nargs="+", default=METHODS)

@@ -11,6 +11,8 @@ Adding a method whose functional loss takes (student, teacher) features is one e
 
     register(Method("pkt", needs=("pooled",), build=pair_term("pkt_loss"), defaults={"loss_weight": 30000.0},
                     distributed=True))
+    register(Method("at", needs=("stages",), build=pair_term("at_loss", "stages", ("p",)),
+                    defaults={"loss_weight": 1000.0, "p": 2}))
 
 (``distributed``: the loss accepts ``gather_distributed=True`` and gets it under DDP, so relational losses
 see the global batch.)
@@ -42,7 +44,8 @@ class Method:
     build: Callable  # build(ctx: Context) -> Term for one teacher, or None for "no distillation term"
     defaults: dict = field(default_factory=dict)  # method hyper-parameters beyond ce_weight / loss_weight
     logits: bool = False  # compares class distributions: teacher and student must share the label space
-    distributed: bool = False
+    trainable: bool = False  # the term may hold trainable modules (connectors, projectors)
+    distributed: bool = False  # the loss accepts gather_distributed=True (relational losses over the global batch)
     summary: str = ""
 
     def hparams(self, overrides):
@@ -66,6 +69,7 @@ class Context:
     teacher_out: tuple
     hp: dict
     world_size: int = 1
+    gather_distributed: bool = False
 
 
 METHODS = {}
@@ -198,22 +202,26 @@ class LogSumTerm(Term):
 
 
 class PairTerm(Term):
-    """A loss fn(student_features, teacher_features, **kw) on one kind of output; with ``project`` a linear
-    projector maps the student's width to the teacher's when they differ."""
+    """A loss fn(student_features, teacher_features, **kw) on one kind of output. On ``pooled`` features, with
+    ``project``, a linear projector maps the student's width to the teacher's when they differ. On ``stages`` or
+    ``preact``, stages are paired from the last backwards and the losses summed (as attention transfer does)."""
 
     def __init__(self, ctx, fn, output, arg_names=(), project=False):
         super().__init__()
         self.fn, self.output, self.kw = fn, output, _kwargs(ctx.hp, arg_names)
-        if ctx.world_size > 1:
+        if ctx.gather_distributed:
             self.kw["gather_distributed"] = True
         ds, dt = ctx.student_out.pooled.shape[1], ctx.teacher_out.pooled.shape[1]
         self.projector = nn.Linear(ds, dt) if project and output == "pooled" and ds != dt else None
 
     def forward(self, s, t, y, epoch):
         fs, ft = getattr(s, self.output), getattr(t, self.output)
+        fn = getattr(self.lib, self.fn)
+        if isinstance(fs, list):
+            return sum(fn(a, b, **self.kw) for a, b in zip(reversed(fs), reversed(ft)))
         if self.projector is not None:
             fs = self.projector(fs)
-        return getattr(self.lib, self.fn)(fs, ft, **self.kw)
+        return fn(fs, ft, **self.kw)
 
 
 def pair_term(fn, output="pooled", arg_names=(), project=False):
@@ -232,11 +240,11 @@ register(Method("jsd", needs=("logits",), build=logit_term("jsd_loss", ("tempera
 register(Method("dkd", needs=("logits",), build=logit_term("dkd_loss", ("alpha", "beta", "temperature"), target=True),
                 defaults={"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 0}, logits=True,
                 summary="decoupled KD, alpha TCKD + beta NCKD (mdistiller ramps it over warmup=20 of 240 epochs)"))
-register(Method("ofd", needs=("preact",), build=OFDTerm,
+register(Method("ofd", needs=("preact",), build=OFDTerm, trainable=True,
                 summary="Overhaul: connectors + partial L2 on pre-ReLU stages, margins from the teacher's BN"))
-register(Method("fitnet", needs=("stages",), build=HintTerm, defaults={"loss_weight": 100.0, "stage": 1},
+register(Method("fitnet", needs=("stages",), build=HintTerm, trainable=True, defaults={"loss_weight": 100.0, "stage": 1},
                 summary="FitNet hint: regressor + MSE on one stage (stage=index)"))
-register(Method("logsum", needs=("pooled",), build=LogSumTerm,
+register(Method("logsum", needs=("pooled",), build=LogSumTerm, trainable=True,
                 defaults={"loss_weight": 2.0, "alpha": 4.0, "norm": "bn", "projector": "linear"},
                 summary="projector + BN + LogSum on penultimate features (Miles & Mikolajczyk)"))
 
@@ -272,7 +280,12 @@ def build_distiller(method, hp, student, teachers, probe, world_size=1):
         terms = []
         for teacher in teachers:
             t_out = teacher(probe, features=True)
-            terms.append(method.build(Context(student, teacher, s_out, t_out, hp, world_size)))
+            ctx = Context(student, teacher, s_out, t_out, hp, world_size, method.distributed and world_size > 1)
+            term = method.build(ctx)
+            if term is not None and not method.trainable and any(True for _ in term.parameters()):
+                raise ValueError("method %s builds trainable modules but is not registered with trainable=True"
+                                 % method.name)
+            terms.append(term)
     student.train(was)
     if any(math.isnan(v) for v in hp.values() if isinstance(v, float)):
         raise MethodError("hyper-parameters must not be NaN: %s" % hp)

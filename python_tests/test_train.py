@@ -99,16 +99,31 @@ def test_ensemble_averages_one_term_per_teacher(teacher, tmp_path):
     assert ck["config"]["teacher"] == [teacher, teacher]
 
 
-def test_a_new_pair_method_is_one_registry_entry(teacher, tmp_path):
-    entry = methods.register(methods.Method("pooled_hint", needs=("pooled",),
-                                            build=methods.pair_term("hint_loss", project=True)))
+@pytest.mark.parametrize("output, student", [("pooled", "cnn-s"), ("stages", "cnn-m")])
+def test_a_new_pair_method_is_one_registry_entry(teacher, tmp_path, output, student):
+    entry = methods.register(methods.Method("hint_" + output, needs=(output,), trainable=True,
+                                            build=methods.pair_term("hint_loss", output, project=True)))
     try:
         out = str(tmp_path / "hint")
-        run("distill", "--method", "pooled_hint", "--teacher", teacher, "--model", "cnn-s", "--epochs", 2,
+        run("distill", "--method", entry.name, "--teacher", teacher, "--model", student, "--epochs", 2,
             "--out", out, *TINY)
         rows = metrics(out)
         assert rows[1]["train_kd"] < rows[0]["train_kd"]
-        assert "terms.0.projector.weight" in load_checkpoint(out)["distiller_state"]  # 32 -> 64 wide
+        state = load_checkpoint(out)["distiller_state"]
+        if output == "pooled":
+            assert "terms.0.projector.weight" in state  # 32 -> 64 wide
+        else:  # a sum over the three stages, which have equal widths here
+            assert not state
+            ck = load_checkpoint(out)
+            t = models.build("cnn-m", 10, (1, 8, 8)).eval()
+            t.load_state_dict(load_checkpoint(teacher)["model_state"])
+            s = models.build("cnn-m", 10, (1, 8, 8)).eval()
+            s.load_state_dict(ck["model_state"])
+            x = data.load("digits").x_train[:8]
+            so, to = s(x, features=True), t(x, features=True)
+            dist = methods.build_distiller(entry, entry.hparams({}), s, [t], x[:2])
+            expect = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(so.stages, to.stages))
+            torch.testing.assert_close(dist.terms[0](so, to, None, 1), expect)
     finally:
         del methods.METHODS[entry.name]
 
@@ -180,6 +195,14 @@ def test_bad_input_is_one_line_and_exit_2(teacher, tmp_path, capsys, argv, messa
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("kdops: error:")
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["teacher", "--epochs", "two", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid int value: 'two'" in err and err.count("\n") == 1
 
 
 def test_existing_run_needs_resume(teacher, tmp_path, capsys):
