@@ -135,7 +135,8 @@ def load_teachers(args, dataset, method, device):
             raise ValueError("teacher %s was trained on %s, the student on %s: pass --teacher-dataset %s to distil "
                              "across datasets" % (path, t_data, dataset.name, t_data))
         if args.teacher_dataset is not None and args.teacher_dataset != t_data:
-            raise ValueError("--teacher-dataset %s, but teacher %s was trained on %s" % (args.teacher_dataset, path, t_data))
+            raise ValueError("--teacher-dataset %s, but teacher %s was trained on %s"
+                             % (args.teacher_dataset, path, t_data))
         if method.logits and (t_data != dataset.name or ck["num_classes"] != dataset.num_classes):
             raise ValueError("method %s compares logits, so the teacher needs the student's label space: teacher %s has "
                              "%d classes of %s, the student %d classes of %s; use a feature method (%s)"

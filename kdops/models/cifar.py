@@ -96,9 +96,11 @@ class WideResNet(KDModel):
         n = (depth - 4) // 6
         widths = (16, 16 * k, 32 * k, 64 * k)
         self.conv1 = _conv3(in_channels, widths[0])
-        self.layers = nn.ModuleList(
-            nn.ModuleList(WideBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1], (1 if i == 0 else 2) if j == 0 else 1)
-                          for j in range(n)) for i in range(3))
+        self.layers = nn.ModuleList()
+        for i in range(3):
+            cin, cout, stride = widths[i], widths[i + 1], 1 if i == 0 else 2
+            self.layers.append(nn.ModuleList(WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1)
+                                             for j in range(n)))
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self.feat_dim, self.stage_channels = widths[3], list(widths[1:])
