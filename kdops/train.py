@@ -205,7 +205,7 @@ def evaluate(student, dataset, rank, world, device, batch):
     correct = loss = 0.0
     for i in range(0, len(idx), batch):
         j = idx[i:i + batch]
-        x = dataset.batch(dataset.x_test[j]).to(device)
+        x = dataset.batch(dataset.x_test[j].to(device))
         y = dataset.y_test[j].to(device)
         logits = student(x)
         loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -238,7 +238,7 @@ def _train(args, rank, world, device):
     args.model = args.model or default_model(dataset, args.command)
     torch.manual_seed(args.seed)
     student = models.build(args.model, dataset.num_classes, dataset.input_shape).to(device)
-    probe = dataset.batch(dataset.x_train[:2]).to(device)
+    probe = dataset.batch(dataset.x_train[:2].to(device))
     distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
     step = Step(student, distiller)
     opt = make_optimizer(args, list(step.parameters()))
@@ -282,12 +282,14 @@ def _train(args, rank, world, device):
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))
         batches = [order[i:i + per_rank] for i in range(0, len(order), per_rank)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm in train mode cannot take a batch of one
+            batches[-2:] = [torch.cat(batches[-2:])]
         step.train()
         sums = [0.0] * 5  # loss, ce, kd, correct, samples
         bar = tqdm(batches, desc="epoch %d/%d" % (epoch + 1, args.epochs), disable=not show, leave=False,
                    dynamic_ncols=True)
         for idx in bar:
-            x = dataset.batch(dataset.x_train[idx], train=True, generator=gen).to(device)
+            x = dataset.batch(dataset.x_train[idx].to(device), train=True, generator=gen)
             y = dataset.y_train[idx].to(device)
             with torch.no_grad():
                 t_outs = [t(x, features=True) for t in teachers]

@@ -213,3 +213,11 @@ def test_existing_run_needs_resume(teacher, tmp_path, capsys):
     assert train.main(["distill", "--method", "none", "--epochs", "1", "--out", out, "--resume", "--lr", "0.1"]
                       + TINY) == 2
     assert "used different lr" in capsys.readouterr().err
+
+
+def test_a_trailing_batch_of_one_joins_the_previous_batch(teacher, tmp_path):
+    # 33 samples in batches of 32: BatchNorm (and logsum's batch norm) cannot train on a batch of one
+    out = str(tmp_path / "odd")
+    run("distill", "--method", "logsum", "--teacher", teacher, "--model", "cnn-s", "--epochs", 1, "--out", out,
+        "--train-subset", 33, "--test-subset", 16, "--batch-size", 32, "--threads", 1, "--no-progress")
+    assert metrics(out)[0]["samples"] == 33

@@ -77,7 +77,9 @@ def load(name, data_dir):
 
 class ImagePrep:
     """uint8 (b, 3, H, W) -> normalised float; with ``train`` and ``augment``: a random crop of the image padded
-    by ``pad`` zeros on each side and (``flip``) a random horizontal flip, drawn from ``generator``."""
+    by ``pad`` zeros on each side and (``flip``) a random horizontal flip, drawn from ``generator`` (a CPU
+    generator; the images may be on any device, where the work then happens). SVHN is not flipped: mirrored
+    digits are other symbols."""
 
     def __init__(self, mean_std, flip=True, augment=True, pad=4):
         self.mean = torch.tensor(mean_std[0]).view(1, 3, 1, 1)
@@ -103,4 +105,5 @@ class ImagePrep:
             cols = torch.where(flip.view(b, 1, 1, 1), cols.flip(-1), cols)
         batch = torch.arange(b).view(b, 1, 1, 1)
         chan = torch.arange(c).view(1, c, 1, 1)
-        return padded[batch, chan, rows, cols]
+        dev = x.device
+        return padded[batch.to(dev), chan.to(dev), rows.to(dev), cols.to(dev)]
