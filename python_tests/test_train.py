@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fake_data
+from conftest import needs_cuda
 from kdops import data, methods, models, train
 from kdops.runlog import load_checkpoint
 
@@ -67,6 +68,18 @@ def test_each_method_trains(teacher, tmp_path, method):
     # every trainable tensor (student and method modules) has an SGD momentum buffer: all are optimised
     assert len(ck["optimizer"]["state"]) == n_student + n_method
     assert bool(trainable) == (method in ("ofd", "fitnet", "logsum"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["kd", "dkd", "ofd", "logsum"])
+def test_distill_on_cuda_matches_cpu_closely(teacher, tmp_path, method):
+    args = ["distill", "--method", method, "--teacher", teacher, "--model", "cnn-s", "--epochs", 2, *TINY]
+    run(*args, "--out", tmp_path / "cpu")
+    run(*args, "--out", tmp_path / "cuda", "--device", "cuda")
+    a, b = metrics(tmp_path / "cpu")[0], metrics(tmp_path / "cuda")[0]  # one epoch: 8 steps, little drift
+    assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * abs(a["train_loss"]) + 1e-3
+    assert len(metrics(tmp_path / "cuda")) == 2
+    assert load_checkpoint(tmp_path / "cuda")["model_state"]["fc.weight"].device.type == "cpu"
 
 
 def test_terms_match_the_reference_losses(teacher):
