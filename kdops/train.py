@@ -25,7 +25,7 @@ from kdops import data, methods, models, runlog
 
 COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_dataset", "hp", "epochs",
                       "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
-                      "weight_decay", "seed", "train_subset", "test_subset", "augment")
+                      "weight_decay", "seed", "train_subset", "test_subset", "augment", "sync_bn")
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,6 +63,8 @@ def build_parser():
         q.add_argument("--test-subset", type=int, help="use the first N test samples")
         q.add_argument("--no-augment", dest="augment", action="store_false", help="no crop / flip on CIFAR and SVHN")
         q.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
+        q.add_argument("--sync-bn", action="store_true", help="under DDP on CUDA: BatchNorm statistics over the "
+                                                                "global batch (SyncBatchNorm)")
     distill.add_argument("--method", required=True, help="one of: %s" % ", ".join(sorted(methods.METHODS)))
     distill.add_argument("--teacher", action="append", default=[], help="teacher checkpoint or run dir; repeat for an "
                                                                        "ensemble (the terms are averaged)")
@@ -227,6 +229,8 @@ def train(args):
 def _train(args, rank, world, device):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs --device cuda (SyncBatchNorm has no CPU kernels)")
     if args.batch_size % world:
         raise ValueError("--batch-size %d must be divisible by the %d processes" % (args.batch_size, world))
     method = methods.get(args.method if args.command == "distill" else "none")
@@ -241,6 +245,9 @@ def _train(args, rank, world, device):
     probe = dataset.batch(dataset.x_train[:2].to(device))
     distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
     step = Step(student, distiller)
+    if args.sync_bn and world > 1:  # after the probe: SyncBatchNorm needs an initialised process group to run
+        step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
+        student, distiller = step.student, step.distiller
     opt = make_optimizer(args, list(step.parameters()))
     sched = make_scheduler(args, opt)
     cfg = config_of(args, hp)

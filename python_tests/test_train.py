@@ -197,6 +197,7 @@ BAD = [
     (["distill", "--method", "kd", "--teacher", "{teacher}", "--dataset", "mnist1d"], "--teacher-dataset digits"),
     (["distill", "--method", "ofd", "--teacher", "{teacher}", "--model", "mlp-s"], "spatial size"),
     (["teacher", "--epochs", "0"], "--epochs must be >= 1"),
+    (["teacher", "--sync-bn"], "--sync-bn needs --device cuda"),
     (["teacher", "--dataset", "cifar10"], "pass --data-dir"),
     (["teacher", "--model", "resnet20", "--dataset", "multiview"], "image inputs"),
 ]
