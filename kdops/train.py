@@ -245,7 +245,7 @@ def _train(args, rank, world, device):
     probe = dataset.batch(dataset.x_train[:2].to(device))
     distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
     step = Step(student, distiller)
-    if args.sync_bn and world > 1:  # after the probe: SyncBatchNorm needs an initialised process group to run
+    if args.sync_bn and world > 1:  # converted with the method modules, so connector BatchNorms sync too
         step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
         student, distiller = step.student, step.distiller
     opt = make_optimizer(args, list(step.parameters()))
