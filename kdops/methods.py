@@ -202,7 +202,8 @@ class LogSumTerm(Term):
 
 
 class PairTerm(Term):
-    """A loss fn(student_features, teacher_features, **kw) on one kind of output. On ``pooled`` features, with
+    """A loss fn(student_features, teacher_features, **kw) on one kind of output: ``fn`` names a function of
+    :mod:`kdops.functional` and :mod:`kdops.reference` (the term follows ``use_reference``), or is a callable. On ``pooled`` features, with
     ``project``, a linear projector maps the student's width to the teacher's when they differ. On ``stages`` or
     ``preact``, stages are paired from the last backwards and the losses summed (as attention transfer does)."""
 
@@ -216,7 +217,7 @@ class PairTerm(Term):
 
     def forward(self, s, t, y, epoch):
         fs, ft = getattr(s, self.output), getattr(t, self.output)
-        fn = getattr(self.lib, self.fn)
+        fn = getattr(self.lib, self.fn) if isinstance(self.fn, str) else self.fn
         if isinstance(fs, list):
             return sum(fn(a, b, **self.kw) for a, b in zip(reversed(fs), reversed(ft)))
         if self.projector is not None:

@@ -93,3 +93,47 @@ def test_ddp_two_processes_match_one(teacher, tmp_path):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-4
         assert abs(x["test_acc"] - y["test_acc"]) <= 1 / 128
     assert json.load(open(os.path.join(ddp, "summary.json")))["world_size"] == 2
+
+
+RELATIONAL = """
+import sys
+import torch
+from torch.distributed.nn.functional import all_gather
+from kdops import methods, train
+
+
+def gram_loss(fs, ft, gather_distributed=False):
+    # a relational loss: it compares the batch's similarity structures, so it needs the whole (global) batch
+    if gather_distributed:
+        fs, ft = torch.cat(all_gather(fs)), torch.cat(all_gather(ft))
+    gs = torch.nn.functional.normalize(fs @ fs.T, dim=1)
+    gt = torch.nn.functional.normalize(ft @ ft.T, dim=1)
+    return ((gs - gt) ** 2).mean()
+
+
+methods.register(methods.Method("gram", needs=("pooled",), build=methods.pair_term(gram_loss), distributed=True,
+                                defaults={"loss_weight": 100.0}))
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_relational_loss_sees_the_global_batch(teacher, tmp_path):
+    # with gather_distributed the loss on every rank is the single-process loss of the whole batch, so the
+    # DDP run matches one process; without the gather each rank would compare only its half of the batch
+    script = tmp_path / "relational.py"
+    script.write_text(RELATIONAL)
+    args = ["distill", "--method", "gram", "--teacher", teacher, "--model", "mlp-s", "--epochs", "1", "--batch-size",
+            "32", "--train-subset", "128", "--test-subset", "64", "--threads", "1", "--no-progress"]
+    ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args, "--out", ddp], cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([sys.executable, str(script), *args, "--out", single], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_checkpoint(single), load_checkpoint(ddp)
+    assert a["history"][0]["train_kd"] > 0
+    assert abs(a["history"][0]["train_kd"] - b["history"][0]["train_kd"]) < 1e-5
+    for k in a["model_state"]:
+        torch.testing.assert_close(b["model_state"][k], a["model_state"][k], rtol=1e-4, atol=1e-5)
