@@ -2,20 +2,26 @@
 
 An entry says which model outputs it reads (``needs``, from :data:`OUTPUTS`), whether it compares logits (then
 teacher and student must share a label space), its hyper-parameters with their defaults, and how to build the
-loss term for one teacher. Every term is an ``nn.Module`` whose parameters (connectors, regressors,
+loss term for one teacher (or all at once). Every term is an ``nn.Module`` whose parameters (connectors, regressors,
 projectors) the trainer adds to the optimiser and the checkpoint. Terms call their loss through ``self.lib``,
 which is :mod:`kdops.functional` (the fused ops) or :mod:`kdops.reference` (pure PyTorch), so the same
 term can be timed both ways.
 
-Adding a method whose functional loss takes (student, teacher) features is one entry, e.g.::
+Adding a method whose functional loss takes (student, teacher) features is one entry; the losses of the
+relational, feature-map and distribution-matching families would read, for example::
 
     register(Method("pkt", needs=("pooled",), build=pair_term("pkt_loss"), defaults={"loss_weight": 30000.0},
                     distributed=True))
+    register(Method("fkd", needs=("pooled",), build=pair_term("fkd_loss", arg_names=("kernel", "fr_weight")),
+                    defaults={"kernel": "correlation", "fr_weight": 0.0}, distributed=True, joint_teachers=True))
     register(Method("at", needs=("stages",), build=pair_term("at_loss", "stages", ("p",)),
                     defaults={"loss_weight": 1000.0, "p": 2}))
+    register(Method("sinkhorn", needs=("pooled",), build=pair_term("sinkhorn", arg_names=("eps",), project=True),
+                    defaults={"eps": 0.1}, trainable=True))
 
-(``distributed``: the loss accepts ``gather_distributed=True`` and gets it under DDP, so relational losses
-see the global batch.)
+``distributed``: the loss accepts ``gather_distributed=True`` and gets it under DDP, so relational losses see the
+global batch. ``joint_teachers``: the loss takes a list of teacher features (an ensemble in one term) instead
+of the trainer averaging one term per teacher. ``trainable``: the term may hold parameters (checked).
 """
 
 import math
@@ -45,6 +51,7 @@ class Method:
     defaults: dict = field(default_factory=dict)  # method hyper-parameters beyond ce_weight / loss_weight
     logits: bool = False  # compares class distributions: teacher and student must share the label space
     trainable: bool = False  # the term may hold trainable modules (connectors, projectors)
+    joint_teachers: bool = False  # one term sees every teacher at once (lists) instead of a mean of per-teacher terms
     distributed: bool = False  # the loss accepts gather_distributed=True (relational losses over the global batch)
     summary: str = ""
 
@@ -202,24 +209,36 @@ class LogSumTerm(Term):
 
 
 class PairTerm(Term):
-    """A loss fn(student_features, teacher_features, **kw) on one kind of output: ``fn`` names a function of
-    :mod:`kdops.functional` and :mod:`kdops.reference` (the term follows ``use_reference``), or is a callable. On ``pooled`` features, with
-    ``project``, a linear projector maps the student's width to the teacher's when they differ. On ``stages`` or
-    ``preact``, stages are paired from the last backwards and the losses summed (as attention transfer does)."""
+    """A loss fn(student_features, teacher_features, **kw) on one kind of output. ``fn`` names a function of
+    :mod:`kdops.functional` and :mod:`kdops.reference` (the term follows ``use_reference``), or is a callable.
+    On ``pooled`` features, with ``project``, a linear projector maps the student's width to the teacher's when
+    they differ. On ``stages`` or ``preact``, stages are paired from the last backwards and the losses summed
+    (as attention transfer does). For a ``joint_teachers`` method the teacher features are a list, one entry
+    per teacher."""
 
     def __init__(self, ctx, fn, output, arg_names=(), project=False):
         super().__init__()
         self.fn, self.output, self.kw = fn, output, _kwargs(ctx.hp, arg_names)
         if ctx.gather_distributed:
             self.kw["gather_distributed"] = True
-        ds, dt = ctx.student_out.pooled.shape[1], ctx.teacher_out.pooled.shape[1]
-        self.projector = nn.Linear(ds, dt) if project and output == "pooled" and ds != dt else None
+        joint = isinstance(ctx.teacher_out, list)
+        if joint and output != "pooled":
+            raise MethodError("a joint_teachers method takes the teachers' pooled features, not %s" % output)
+        ds = ctx.student_out.pooled.shape[1]
+        dts = {t.pooled.shape[1] for t in (ctx.teacher_out if joint else [ctx.teacher_out])}
+        self.projector = None
+        if project and output == "pooled" and dts != {ds}:
+            if len(dts) > 1:
+                raise MethodError("one projector cannot map the student to teachers of widths %s" % sorted(dts))
+            self.projector = nn.Linear(ds, dts.pop())
 
     def forward(self, s, t, y, epoch):
-        fs, ft = getattr(s, self.output), getattr(t, self.output)
         fn = getattr(self.lib, self.fn) if isinstance(self.fn, str) else self.fn
+        fs = getattr(s, self.output)
         if isinstance(fs, list):
+            ft = getattr(t, self.output)
             return sum(fn(a, b, **self.kw) for a, b in zip(reversed(fs), reversed(ft)))
+        ft = [getattr(x, self.output) for x in t] if isinstance(t, list) else getattr(t, self.output)
         if self.projector is not None:
             fs = self.projector(fs)
         return fn(fs, ft, **self.kw)
@@ -251,19 +270,23 @@ register(Method("logsum", needs=("pooled",), build=LogSumTerm, trainable=True,
 
 
 class Distiller(nn.Module):
-    """The trainer's objective: ce_weight * CE + loss_weight * mean over teachers of the method's term."""
+    """The trainer's objective: ce_weight * CE + loss_weight * the method's term, averaged over the teachers'
+    terms (or one term given every teacher, for a ``joint_teachers`` method)."""
 
-    def __init__(self, method, hp, terms):
+    def __init__(self, method, hp, terms, joint=False):
         super().__init__()
-        self.method, self.hp = method, hp
+        self.method, self.hp, self.joint = method, hp, joint
         self.terms = nn.ModuleList(t for t in terms if t is not None)
 
     def forward(self, student_out, teacher_outs, target, epoch):
         ce = torch.nn.functional.cross_entropy(student_out.logits, target)
         if not len(self.terms):
             return self.hp["ce_weight"] * ce, ce, ce.new_zeros(())
-        kd = sum(term(student_out, t_out, target, epoch) for term, t_out in zip(self.terms, teacher_outs))
-        kd = kd / len(self.terms)
+        if self.joint:
+            kd = self.terms[0](student_out, list(teacher_outs), target, epoch)
+        else:
+            kd = sum(term(student_out, t_out, target, epoch) for term, t_out in zip(self.terms, teacher_outs))
+            kd = kd / len(self.terms)
         return self.hp["ce_weight"] * ce + self.hp["loss_weight"] * kd, ce, kd
 
     def use_reference(self, on=True):
@@ -278,10 +301,14 @@ def build_distiller(method, hp, student, teachers, probe, world_size=1):
     student.eval()  # eval: the probe only reads shapes and must not touch BN statistics
     with torch.no_grad():
         s_out = student(probe, features=True)
+        t_outs = [teacher(probe, features=True) for teacher in teachers]
+        gather = method.distributed and world_size > 1
+        if method.joint_teachers:
+            contexts = [Context(student, list(teachers), s_out, t_outs, hp, world_size, gather)]
+        else:
+            contexts = [Context(student, t, s_out, o, hp, world_size, gather) for t, o in zip(teachers, t_outs)]
         terms = []
-        for teacher in teachers:
-            t_out = teacher(probe, features=True)
-            ctx = Context(student, teacher, s_out, t_out, hp, world_size, method.distributed and world_size > 1)
+        for ctx in contexts:
             term = method.build(ctx)
             if term is not None and not method.trainable and any(True for _ in term.parameters()):
                 raise ValueError("method %s builds trainable modules but is not registered with trainable=True"
@@ -290,4 +317,4 @@ def build_distiller(method, hp, student, teachers, probe, world_size=1):
     student.train(was)
     if any(math.isnan(v) for v in hp.values() if isinstance(v, float)):
         raise MethodError("hyper-parameters must not be NaN: %s" % hp)
-    return Distiller(method.name, hp, terms)
+    return Distiller(method.name, hp, terms, joint=method.joint_teachers)

@@ -141,6 +141,27 @@ def test_a_new_pair_method_is_one_registry_entry(teacher, tmp_path, output, stud
         del methods.METHODS[entry.name]
 
 
+def test_a_joint_teachers_method_gets_every_teacher_at_once(teacher, tmp_path):
+    seen = []
+
+    def mean_mse(fs, fts):
+        seen.append(len(fts))
+        return sum(torch.nn.functional.mse_loss(fs, f) for f in fts) / len(fts)
+
+    entry = methods.register(methods.Method("joint_mse", needs=("pooled",), trainable=True, joint_teachers=True,
+                                            build=methods.pair_term(mean_mse, project=True)))
+    try:
+        out = str(tmp_path / "joint")
+        run("distill", "--method", entry.name, "--teacher", teacher, "--teacher", teacher, "--model", "cnn-s",
+            "--epochs", 2, "--out", out, *TINY)
+        assert set(seen) == {2}
+        assert {k.split(".")[1] for k in load_checkpoint(out)["distiller_state"]} == {"0"}  # one shared projector
+        rows = metrics(out)
+        assert rows[1]["train_kd"] < rows[0]["train_kd"]
+    finally:
+        del methods.METHODS[entry.name]
+
+
 def test_method_hyper_parameters_from_generic_flags(teacher, tmp_path):
     out = str(tmp_path / "dkd")
     run("distill", "--method", "dkd", "--teacher", teacher, "--beta", 2, "--temperature", 3,
