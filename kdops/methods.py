@@ -2,8 +2,8 @@
 
 An entry says which model outputs it reads (``needs``, from :data:`OUTPUTS`), whether it compares logits (then
 teacher and student must share a label space), its hyper-parameters with their defaults, and how to build the
-loss term for one teacher (or all at once). Every term is an ``nn.Module`` whose parameters (connectors, regressors,
-projectors) the trainer adds to the optimiser and the checkpoint. Terms call their loss through ``self.lib``,
+loss term for one teacher (or for all at once). Every term is an ``nn.Module`` whose parameters (connectors,
+regressors, projectors) the trainer adds to the optimiser and the checkpoint. Terms call their loss through ``self.lib``,
 which is :mod:`kdops.functional` (the fused ops) or :mod:`kdops.reference` (pure PyTorch), so the same
 term can be timed both ways.
 
