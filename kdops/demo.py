@@ -111,9 +111,12 @@ def main(argv=None):
           % (info["version"], info["torch"], "built" if info["cuda_built"] else "not built", torch.get_num_threads()))
     for name in args.methods:
         methods.get(name)
-    if os.path.isdir(args.out):
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        # a previous demo is replaced; anything else is left alone
+        if not os.path.exists(os.path.join(args.out, "teacher.log")):
+            raise SystemExit("demo: --out %s exists and does not hold a previous demo; choose another" % args.out)
         shutil.rmtree(args.out)
-    os.makedirs(args.out)
+    os.makedirs(args.out, exist_ok=True)
     d = data.load(args.dataset)
     t_model, s_model = train.default_model(d, "teacher"), train.default_model(d, "student")
     common = ["--dataset", args.dataset, "--batch-size", 64, "--lr", 0.05, "--no-progress"]

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from kdops import demo
 
 
@@ -22,3 +24,10 @@ def test_demo_writes_table_plot_and_runs(tmp_path):
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
     assert sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))) == [
         "kd-seed0", "kd-seed1", "logsum-seed0", "logsum-seed1", "none-seed0", "none-seed1", "teacher"]
+
+
+def test_demo_replaces_only_a_previous_demo(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="does not hold a previous demo"):
+        demo.main(["--out", str(tmp_path), "--seeds", "1", "--epochs", "1", "--methods", "none"])
+    assert (tmp_path / "mine.txt").read_text() == "keep"

@@ -43,7 +43,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(teacher, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kdops.train", *args, "--out", killed], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)  # into the next epoch
