@@ -62,7 +62,13 @@ class Method:
         if unknown:
             raise MethodError("method %s has no hyper-parameter %s; it has: %s"
                               % (self.name, ", ".join(unknown), ", ".join(sorted(hp))))
-        hp.update(overrides)
+        for key, value in overrides.items():
+            default = hp[key]
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise MethodError("method %s: hyper-parameter %s must be a number, got %r" % (self.name, key, value))
+                value = float(value) if isinstance(default, float) else value
+            hp[key] = value
         return hp
 
 

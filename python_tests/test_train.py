@@ -215,6 +215,8 @@ BAD = [
     (["distill", "--method", "kd"], "needs at least one --teacher"),
     (["distill", "--method", "kd", "--teacher", "{teacher}", "--alpha", "1"], "has no hyper-parameter alpha"),
     (["distill", "--method", "kd", "--teacher", "{teacher}", "--method-arg", "oops"], "KEY=VALUE"),
+    (["distill", "--method", "kd", "--teacher", "{teacher}", "--method-arg", "temperature=hot"],
+     "temperature must be a number, got 'hot'"),
     (["distill", "--method", "kd", "--teacher", "{teacher}", "--dataset", "mnist1d"], "--teacher-dataset digits"),
     (["distill", "--method", "ofd", "--teacher", "{teacher}", "--model", "mlp-s"], "spatial size"),
     (["teacher", "--epochs", "0"], "--epochs must be >= 1"),
