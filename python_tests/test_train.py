@@ -1,0 +1,260 @@
+"""The trainer end to end on tiny data: a teacher that learns, one short run per method, ensembles, the method
+registry's kdops / reference parity, cross-dataset transfer, resume, and bad command lines."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fake_data
+from conftest import needs_cuda
+from kdops import data, methods, models, train
+from kdops.runlog import load_checkpoint
+
+FIELDS = {"epoch", "lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_loss", "test_acc", "epoch_time",
+          "samples"}
+TINY = ["--train-subset", "256", "--test-subset", "128", "--batch-size", "32", "--threads", "1", "--no-progress"]
+
+
+def run(*argv):
+    assert train.main([str(a) for a in argv]) == 0
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("teacher"))
+    run("teacher", "--model", "cnn-m", "--epochs", 3, "--out", out, "--threads", "1", "--no-progress")
+    return out
+
+
+def test_teacher_learns_and_writes_its_files(teacher):
+    rows = metrics(teacher)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(set(r) == FIELDS for r in rows)
+    assert rows[-1]["test_acc"] > 0.8  # chance is 0.1
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.load(open(os.path.join(teacher, "summary.json")))
+    assert summary["final_test_acc"] == rows[-1]["test_acc"] and summary["model"] == "cnn-m"
+    assert os.path.getsize(os.path.join(teacher, "curves.png")) > 1000
+    ck = load_checkpoint(teacher)
+    assert ck["epoch"] == 3 and ck["kind"] == "teacher" and ck["num_classes"] == 10
+    assert not [f for f in os.listdir(teacher) if ".tmp" in f]  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_each_method_trains(teacher, tmp_path, method):
+    out = str(tmp_path / method)
+    run("distill", "--method", method, "--teacher", teacher, "--model", "cnn-s", "--epochs", 2, "--out", out, *TINY)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(set(r) == FIELDS for r in rows)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["samples"] == 256 for r in rows)
+    kd = [r["train_kd"] for r in rows]
+    if method == "none":
+        assert kd == [0.0, 0.0]
+        assert rows[0]["train_loss"] == rows[0]["train_ce"]
+    else:
+        assert all(v != 0.0 and torch.isfinite(torch.tensor(v)) for v in kd)
+    ck = load_checkpoint(out)
+    trainable = [k for k in ck["distiller_state"] if "weight" in k]
+    n_student = len(list(models.build("cnn-s", 10, (1, 8, 8)).parameters()))
+    n_method = sum(1 for k, v in ck["distiller_state"].items() if not k.endswith(("running_mean", "running_var",
+                   "num_batches_tracked")) and "margin" not in k)
+    # every trainable tensor (student and method modules) has an SGD momentum buffer: all are optimised
+    assert len(ck["optimizer"]["state"]) == n_student + n_method
+    assert bool(trainable) == (method in ("ofd", "fitnet", "logsum"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["kd", "dkd", "ofd", "logsum"])
+def test_distill_on_cuda_matches_cpu_closely(teacher, tmp_path, method):
+    args = ["distill", "--method", method, "--teacher", teacher, "--model", "cnn-s", "--epochs", 2, *TINY]
+    run(*args, "--out", tmp_path / "cpu")
+    run(*args, "--out", tmp_path / "cuda", "--device", "cuda")
+    a, b = metrics(tmp_path / "cpu")[0], metrics(tmp_path / "cuda")[0]  # one epoch: 8 steps, little drift
+    assert abs(a["train_loss"] - b["train_loss"]) < 0.05 * abs(a["train_loss"]) + 1e-3
+    assert len(metrics(tmp_path / "cuda")) == 2
+    assert load_checkpoint(tmp_path / "cuda")["model_state"]["fc.weight"].device.type == "cpu"
+
+
+def test_terms_match_the_reference_losses(teacher):
+    d = data.load("digits")
+    ck = load_checkpoint(teacher)
+    t = models.build(ck["model"], 10, (1, 8, 8))
+    t.load_state_dict(ck["model_state"])
+    t.eval()
+    x, y = d.x_train[:16], d.y_train[:16]
+    for name, method in methods.METHODS.items():
+        if name == "none":
+            continue
+        torch.manual_seed(0)
+        s = models.build("cnn-s", 10, (1, 8, 8))
+        hp = method.hparams({})
+        dist = methods.build_distiller(method, hp, s, [t], x[:2])
+        s_out, t_out = s(x, features=True), t(x, features=True)
+        ours = dist(s_out, [t_out], y, 1)[2]
+        dist.use_reference(True)
+        ref = dist(s_out, [t_out], y, 1)[2]
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ensemble_averages_one_term_per_teacher(teacher, tmp_path):
+    out = str(tmp_path / "ens")
+    run("distill", "--method", "logsum", "--teacher", teacher, "--teacher", teacher, "--model", "cnn-s",
+        "--epochs", 1, "--out", out, *TINY)
+    ck = load_checkpoint(out)
+    assert {k.split(".")[1] for k in ck["distiller_state"]} == {"0", "1"}  # a projector per teacher
+    assert ck["config"]["teacher"] == [teacher, teacher]
+
+
+@pytest.mark.parametrize("output, student", [("pooled", "cnn-s"), ("stages", "cnn-m")])
+def test_a_new_pair_method_is_one_registry_entry(teacher, tmp_path, output, student):
+    entry = methods.register(methods.Method("hint_" + output, needs=(output,), trainable=True,
+                                            build=methods.pair_term("hint_loss", output, project=True)))
+    try:
+        out = str(tmp_path / "hint")
+        run("distill", "--method", entry.name, "--teacher", teacher, "--model", student, "--epochs", 2,
+            "--out", out, *TINY)
+        rows = metrics(out)
+        assert rows[1]["train_kd"] < rows[0]["train_kd"]
+        state = load_checkpoint(out)["distiller_state"]
+        if output == "pooled":
+            assert "terms.0.projector.weight" in state  # 32 -> 64 wide
+        else:  # a sum over the three stages, which have equal widths here
+            assert not state
+            ck = load_checkpoint(out)
+            t = models.build("cnn-m", 10, (1, 8, 8)).eval()
+            t.load_state_dict(load_checkpoint(teacher)["model_state"])
+            s = models.build("cnn-m", 10, (1, 8, 8)).eval()
+            s.load_state_dict(ck["model_state"])
+            x = data.load("digits").x_train[:8]
+            so, to = s(x, features=True), t(x, features=True)
+            dist = methods.build_distiller(entry, entry.hparams({}), s, [t], x[:2])
+            expect = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(so.stages, to.stages))
+            torch.testing.assert_close(dist.terms[0](so, to, None, 1), expect)
+    finally:
+        del methods.METHODS[entry.name]
+
+
+def test_a_joint_teachers_method_gets_every_teacher_at_once(teacher, tmp_path):
+    seen = []
+
+    def mean_mse(fs, fts):
+        seen.append(len(fts))
+        return sum(torch.nn.functional.mse_loss(fs, f) for f in fts) / len(fts)
+
+    entry = methods.register(methods.Method("joint_mse", needs=("pooled",), trainable=True, joint_teachers=True,
+                                            build=methods.pair_term(mean_mse, project=True)))
+    try:
+        out = str(tmp_path / "joint")
+        run("distill", "--method", entry.name, "--teacher", teacher, "--teacher", teacher, "--model", "cnn-s",
+            "--epochs", 2, "--out", out, *TINY)
+        assert set(seen) == {2}
+        assert {k.split(".")[1] for k in load_checkpoint(out)["distiller_state"]} == {"0"}  # one shared projector
+        rows = metrics(out)
+        assert rows[1]["train_kd"] < rows[0]["train_kd"]
+    finally:
+        del methods.METHODS[entry.name]
+
+
+def test_method_hyper_parameters_from_generic_flags(teacher, tmp_path):
+    out = str(tmp_path / "dkd")
+    run("distill", "--method", "dkd", "--teacher", teacher, "--beta", 2, "--temperature", 3,
+        "--method-arg", "warmup=5", "--epochs", 1, "--out", out, *TINY)
+    hp = load_checkpoint(out)["config"]["hp"]
+    assert hp == {"ce_weight": 1.0, "loss_weight": 1.0, "alpha": 1.0, "beta": 2.0, "temperature": 3.0, "warmup": 5}
+
+
+def test_cross_dataset_transfer_with_feature_methods_only(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    os.makedirs(root)
+    fake_data.write_cifar10(root)
+    fake_data.write_cifar100(root)
+    t_out = str(tmp_path / "t100")
+    common = ["--data-dir", root, "--epochs", 1, "--batch-size", 8, "--threads", 1, "--no-progress"]
+    run("teacher", "--dataset", "cifar100", "--model", "cnn-s", "--out", t_out, *common)
+    out = str(tmp_path / "s10")
+    run("distill", "--dataset", "cifar10", "--method", "logsum", "--teacher", t_out, "--teacher-dataset", "cifar100",
+        "--model", "cnn-s", "--out", out, *common)
+    assert len(metrics(out)) == 1
+    capsys.readouterr()
+    assert train.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "kd", "--teacher", t_out,
+                                        "--teacher-dataset", "cifar100", "--out", str(tmp_path / "kd"), *common]]) == 2
+    err = capsys.readouterr().err
+    assert "label space" in err and "100 classes of cifar100" in err and err.count("\n") == 1
+    assert train.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "logsum", "--teacher", t_out,
+                                        "--out", str(tmp_path / "x"), *common]]) == 2
+    assert "--teacher-dataset cifar100" in capsys.readouterr().err
+
+
+def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
+    args = ["distill", "--method", "ofd", "--teacher", teacher, "--model", "cnn-s", "--epochs", 3,
+            "--lr-schedule", "step", *TINY]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    run(*args, "--out", full)
+    run(*args, "--out", split, "--stop-after", 1)
+    assert len(metrics(split)) == 1 and not os.path.exists(os.path.join(split, "summary.json"))
+    run(*args, "--out", split, "--resume")
+    a, b = load_checkpoint(full), load_checkpoint(split)
+    for key in ("model_state", "distiller_state"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time"} for r in rows]  # noqa: E731
+    assert strip(metrics(full)) == strip(metrics(split))
+
+
+BAD = [
+    (["distill", "--method", "nosuch", "--teacher", "{teacher}"], "unknown method 'nosuch'"),
+    (["distill", "--method", "kd", "--teacher", "{tmp}/missing.pt"], "not found"),
+    (["distill", "--method", "kd"], "needs at least one --teacher"),
+    (["distill", "--method", "kd", "--teacher", "{teacher}", "--alpha", "1"], "has no hyper-parameter alpha"),
+    (["distill", "--method", "kd", "--teacher", "{teacher}", "--method-arg", "oops"], "KEY=VALUE"),
+    (["distill", "--method", "kd", "--teacher", "{teacher}", "--method-arg", "temperature=hot"],
+     "temperature must be a number, got 'hot'"),
+    (["distill", "--method", "kd", "--teacher", "{teacher}", "--dataset", "mnist1d"], "--teacher-dataset digits"),
+    (["distill", "--method", "ofd", "--teacher", "{teacher}", "--model", "mlp-s"], "spatial size"),
+    (["teacher", "--epochs", "0"], "--epochs must be >= 1"),
+    (["teacher", "--sync-bn"], "--sync-bn needs --device cuda"),
+    (["teacher", "--dataset", "cifar10"], "pass --data-dir"),
+    (["teacher", "--model", "resnet20", "--dataset", "multiview"], "image inputs"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_input_is_one_line_and_exit_2(teacher, tmp_path, capsys, argv, message):
+    argv = [a.format(teacher=teacher, tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o"), "--no-progress"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("kdops: error:")
+
+
+def test_argparse_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["teacher", "--epochs", "two", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid int value: 'two'" in err and err.count("\n") == 1
+
+
+def test_existing_run_needs_resume(teacher, tmp_path, capsys):
+    out = str(tmp_path / "again")
+    run("distill", "--method", "none", "--epochs", 1, "--out", out, *TINY)
+    assert train.main(["distill", "--method", "none", "--epochs", "1", "--out", out] + TINY) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert train.main(["distill", "--method", "none", "--epochs", "1", "--out", out, "--resume", "--lr", "0.1"]
+                      + TINY) == 2
+    assert "used different lr" in capsys.readouterr().err
+
+
+def test_a_trailing_batch_of_one_joins_the_previous_batch(teacher, tmp_path):
+    # 33 samples in batches of 32: BatchNorm (and logsum's batch norm) cannot train on a batch of one
+    out = str(tmp_path / "odd")
+    run("distill", "--method", "logsum", "--teacher", teacher, "--model", "cnn-s", "--epochs", 1, "--out", out,
+        "--train-subset", 33, "--test-subset", 16, "--batch-size", 32, "--threads", 1, "--no-progress")
+    assert metrics(out)[0]["samples"] == 33
