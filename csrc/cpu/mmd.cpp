@@ -30,25 +30,25 @@ KernelParams<acc_t> cast_params(const KernelParams<double>& p) {
 }
 
 // diag is the column of row i's own point in a symmetric block, -1 otherwise.
-template <typename acc_t, int Mode>
-KDOPS_CPU_CLONES acc_t row_sum(const acc_t* g, acc_t a, const acc_t* b, int64_t cols, int64_t diag,
+template <typename acc_t, int Mode, typename K>
+KDOPS_CPU_CLONES acc_t row_sum(K,const acc_t* g, acc_t a, const acc_t* b, int64_t cols, int64_t diag,
                                KernelParams<acc_t> p, acc_t inv2s2) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < cols; ++j) {
     const acc_t d2 = distribution::sq_dist(g[j], a, b[j], j == diag);
-    sum += Mode == distribution::kSumDistance ? distribution::sqrt_(d2) : distribution::kernel_value(p, g[j], d2, inv2s2);
+    sum += Mode == distribution::kSumDistance ? distribution::sqrt_(d2) : K::value(p, g[j], d2, inv2s2);
   }
   return sum;
 }
 
-template <typename acc_t>
-KDOPS_CPU_CLONES void row_weights(acc_t* g, acc_t a, const acc_t* b, int64_t cols, int64_t diag,
+template <typename acc_t, typename K>
+KDOPS_CPU_CLONES void row_weights(K,acc_t* g, acc_t a, const acc_t* b, int64_t cols, int64_t diag,
                                   KernelParams<acc_t> p, acc_t inv2s2, acc_t coef) {
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
     const acc_t d2 = distribution::sq_dist(g[j], a, b[j], j == diag);
-    g[j] = coef * distribution::kernel_beta(p, g[j], d2, inv2s2);
+    g[j] = coef * K::beta(p, g[j], d2, inv2s2);
   }
 }
 
@@ -67,20 +67,22 @@ struct CpuBlocks {
       const acc_t* ap = a.const_data_ptr<acc_t>();
       const acc_t* bp = b.const_data_ptr<acc_t>();
       // Per-row sums in acc_t, rows summed in double: one long fp32 sum over n^2 terms would drift.
-      total = at::parallel_reduce(
-          int64_t(0), rows, row_grain(cols), 0.0,
-          [&](int64_t r0, int64_t r1, double partial) {
-            for (int64_t i = r0; i < r1; ++i) {
-              const int64_t diag = symmetric ? i : -1;
-              partial += mode == distribution::kSumDistance
-                             ? double(row_sum<acc_t, distribution::kSumDistance>(gp + i * cols, ap[i], bp, cols, diag,
-                                                                                 p, inv2s2))
-                             : double(row_sum<acc_t, distribution::kSumKernel>(gp + i * cols, ap[i], bp, cols, diag,
-                                                                               p, inv2s2));
-            }
-            return partial;
-          },
-          [](double u, double v) { return u + v; });
+      distribution::dispatch_kernel(p, [&](auto kern) {
+        total = at::parallel_reduce(
+            int64_t(0), rows, row_grain(cols), 0.0,
+            [&](int64_t r0, int64_t r1, double partial) {
+              for (int64_t i = r0; i < r1; ++i) {
+                const int64_t diag = symmetric ? i : -1;
+                partial += mode == distribution::kSumDistance
+                               ? double(row_sum<acc_t, distribution::kSumDistance>(kern, gp + i * cols, ap[i], bp,
+                                                                                   cols, diag, p, inv2s2))
+                               : double(row_sum<acc_t, distribution::kSumKernel>(kern, gp + i * cols, ap[i], bp,
+                                                                                 cols, diag, p, inv2s2));
+              }
+              return partial;
+            },
+            [](double u, double v) { return u + v; });
+      });
     });
     return at::full({}, total, G.options());
   }
@@ -98,10 +100,12 @@ struct CpuBlocks {
       acc_t* gp = G.mutable_data_ptr<acc_t>();
       const acc_t* ap = a.const_data_ptr<acc_t>();
       const acc_t* bp = b.const_data_ptr<acc_t>();
-      at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) {
-          row_weights<acc_t>(gp + i * cols, ap[i], bp, cols, symmetric ? i : -1, p, inv2s2, c);
-        }
+      distribution::dispatch_kernel(p, [&](auto kern) {
+        at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+          for (int64_t i = r0; i < r1; ++i) {
+            row_weights<acc_t>(kern, gp + i * cols, ap[i], bp, cols, symmetric ? i : -1, p, inv2s2, c);
+          }
+        });
       });
     });
   }

@@ -30,9 +30,9 @@ KernelParams<acc_t> cast_params(const KernelParams<double>& p) {
   return {p.kind, acc_t(p.gamma), acc_t(p.coef0), p.degree};
 }
 
-template <typename acc_t, int Mode>
+template <typename acc_t, int Mode, typename K>
 __global__ void __launch_bounds__(kThreads)
-    mmd_row_sum_kernel(const acc_t* __restrict__ g, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
+    mmd_row_sum_kernel(K, const acc_t* __restrict__ g, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                        int64_t cols, bool symmetric, KernelParams<acc_t> p, const acc_t* __restrict__ sigma,
                        acc_t* __restrict__ partials) {
   using Reduce = cub::BlockReduce<acc_t, kThreads>;
@@ -48,15 +48,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     const acc_t d2 = distribution::sq_dist(row[j], ai, b[j], j == diag);
     sum += Mode == distribution::kSumDistance ? distribution::sqrt_(d2)
-                                              : distribution::kernel_value(p, row[j], d2, inv2s2);
+                                              : K::value(p, row[j], d2, inv2s2);
   }
   sum = Reduce(tmp).Sum(sum);
   if (threadIdx.x == 0) partials[i] = sum;
 }
 
-template <typename acc_t>
+template <typename acc_t, typename K>
 __global__ void __launch_bounds__(kThreads)
-    mmd_row_weights_kernel(acc_t* __restrict__ g, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
+    mmd_row_weights_kernel(K, acc_t* __restrict__ g, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                            int64_t cols, bool symmetric, KernelParams<acc_t> p, const acc_t* __restrict__ sigma,
                            const acc_t* __restrict__ grad, acc_t coef) {
   const int64_t i = blockIdx.x;
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t diag = symmetric ? i : -1;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     const acc_t d2 = distribution::sq_dist(row[j], ai, b[j], j == diag);
-    row[j] = c * distribution::kernel_beta(p, row[j], d2, inv2s2);
+    row[j] = c * K::beta(p, row[j], d2, inv2s2);
   }
 }
 
@@ -86,16 +86,18 @@ struct CudaBlocks {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "mmd_block_sum_cuda", [&] {
       const KernelParams<scalar_t> p = cast_params<scalar_t>(params);
-      if (mode == distribution::kSumDistance) {
-        mmd_row_sum_kernel<scalar_t, distribution::kSumDistance><<<unsigned(rows), kThreads, 0, stream>>>(
-            G.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
-            symmetric, p, s.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>());
-      } else {
-        mmd_row_sum_kernel<scalar_t, distribution::kSumKernel><<<unsigned(rows), kThreads, 0, stream>>>(
-            G.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
-            symmetric, p, s.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      distribution::dispatch_kernel(p, [&](auto kern) {
+        if (mode == distribution::kSumDistance) {
+          mmd_row_sum_kernel<scalar_t, distribution::kSumDistance><<<unsigned(rows), kThreads, 0, stream>>>(
+              kern, G.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
+              symmetric, p, s.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>());
+        } else {
+          mmd_row_sum_kernel<scalar_t, distribution::kSumKernel><<<unsigned(rows), kThreads, 0, stream>>>(
+              kern, G.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
+              symmetric, p, s.const_data_ptr<scalar_t>(), partials.mutable_data_ptr<scalar_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
     return partials.sum();
   }
@@ -107,11 +109,13 @@ struct CudaBlocks {
     check_rows(rows);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "mmd_block_weights_cuda", [&] {
-      mmd_row_weights_kernel<scalar_t><<<unsigned(rows), kThreads, 0, stream>>>(
-          G.mutable_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
-          symmetric, cast_params<scalar_t>(params), sigma.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-          scalar_t(coef));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const KernelParams<scalar_t> p = cast_params<scalar_t>(params);
+      distribution::dispatch_kernel(p, [&](auto kern) {
+        mmd_row_weights_kernel<scalar_t><<<unsigned(rows), kThreads, 0, stream>>>(
+            kern, G.mutable_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
+            symmetric, p, sigma.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), scalar_t(coef));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
 };

@@ -39,28 +39,52 @@ KDOPS_HOST_DEVICE acc_t rbf_inv_two_sigma2(acc_t sigma) {
   return sigma > acc_t(0) ? acc_t(1) / (acc_t(2) * sigma * sigma) : acc_t(0);
 }
 
-template <typename acc_t>
+// x^p for 0 <= p < 2^Bits by binary exponentiation over a fixed number of bits: no data-dependent trip count,
+// so the loops that call it still vectorise. Bits = 3 covers the usual degrees (<= 7), 31 any int.
+template <int Bits, typename acc_t>
 KDOPS_HOST_DEVICE acc_t int_pow(acc_t x, int p) {
   acc_t r = acc_t(1);
-  for (int k = 0; k < p; ++k) r *= x;
+  for (int k = 0; k < Bits; ++k) {
+    r = ((p >> k) & 1) ? r * x : r;
+    x *= x;
+  }
   return r;
 }
 
-// k(x_i, y_j).
-template <typename acc_t>
-KDOPS_HOST_DEVICE acc_t kernel_value(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
-  if (p.kind == kRbf) return exp_(-d2 * inv2s2);
-  if (p.kind == kPoly) return int_pow(p.gamma * g + p.coef0, p.degree);
-  return g;
-}
+// The kernel kind and the exponent width are template parameters so that the per-pair loops compile to one
+// branch-free body each.
+template <int Kind, int Bits = 3>
+struct Kernel {
+  // k(x_i, y_j).
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t value(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
+    if (Kind == kRbf) return exp_(-d2 * inv2s2);
+    if (Kind == kPoly) return int_pow<Bits>(p.gamma * g + p.coef0, p.degree);
+    return g;
+  }
 
-// dk(x_i, y_j)/dx_i = alpha * x_i + beta * y_j (and symmetrically for y_j). Returns beta; alpha is -beta for
-// rbf and 0 for the dot-product kernels, so the backward needs one matrix and its row / column sums.
-template <typename acc_t>
-KDOPS_HOST_DEVICE acc_t kernel_beta(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
-  if (p.kind == kRbf) return acc_t(2) * inv2s2 * exp_(-d2 * inv2s2);
-  if (p.kind == kPoly) return acc_t(p.degree) * p.gamma * int_pow(p.gamma * g + p.coef0, p.degree - 1);
-  return acc_t(1);
+  // dk(x_i, y_j)/dx_i = alpha * x_i + beta * y_j (and symmetrically for y_j). Returns beta; alpha is -beta
+  // for rbf and 0 for the dot-product kernels, so the backward needs one matrix and its row / column sums.
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t beta(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
+    if (Kind == kRbf) return acc_t(2) * inv2s2 * exp_(-d2 * inv2s2);
+    if (Kind == kPoly) return acc_t(p.degree) * p.gamma * int_pow<Bits>(p.gamma * g + p.coef0, p.degree - 1);
+    return acc_t(1);
+  }
+};
+
+// Calls fn(Kernel<...>{}) for the kernel kind and degree of p.
+template <typename acc_t, typename F>
+void dispatch_kernel(const KernelParams<acc_t>& p, F&& fn) {
+  if (p.kind == kRbf) {
+    fn(Kernel<kRbf>{});
+  } else if (p.kind == kPoly && p.degree < 8) {
+    fn(Kernel<kPoly, 3>{});
+  } else if (p.kind == kPoly) {
+    fn(Kernel<kPoly, 31>{});
+  } else {
+    fn(Kernel<kLinear>{});
+  }
 }
 
 }  // namespace distribution
