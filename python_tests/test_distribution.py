@@ -185,10 +185,11 @@ def test_wasserstein_exact_ops_opcheck_and_compile():
 
 # ---- Gaussian W2 and KL ----
 
-def test_gaussian_wasserstein_matches_pot_bures():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_wasserstein_matches_pot_bures(device):
     # POT returns the distance (not squared) and regularises the covariances with reg; reg=0 here.
-    x, y = cloud(80, 6, dtype=torch.float64), cloud(70, 6, dtype=torch.float64, scale=2.0, shift=0.5)
-    expected = ot.gaussian.empirical_bures_wasserstein_distance(x.numpy(), y.numpy(), reg=0.0) ** 2
+    x, y = cloud(80, 6, device, torch.float64), cloud(70, 6, device, torch.float64, scale=2.0, shift=0.5)
+    expected = ot.gaussian.empirical_bures_wasserstein_distance(x.cpu().numpy(), y.cpu().numpy(), reg=0.0) ** 2
     assert F.gaussian_wasserstein(x, y).item() == pytest.approx(float(expected), rel=1e-10)
     ours = value_and_grads(F.gaussian_wasserstein, x.float(), y.float())
     ref = value_and_grads(R.gaussian_wasserstein, x, y)
@@ -229,9 +230,10 @@ def test_gaussian_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda a, b: F.gaussian_kl(a, b, diagonal=diagonal), (x, y))
 
 
-def test_gaussian_kl_matches_closed_form():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_kl_matches_closed_form(device):
     dist = torch.distributions
-    x, y = cloud(60, 5, dtype=torch.float64), cloud(50, 5, dtype=torch.float64, scale=1.7, shift=0.2)
+    x, y = cloud(60, 5, device, torch.float64), cloud(50, 5, device, torch.float64, scale=1.7, shift=0.2)
     mx, my = x.mean(0), y.mean(0)
     cx, cy = torch.cov(x.T, correction=0), torch.cov(y.T, correction=0)
     full = dist.kl_divergence(dist.MultivariateNormal(mx, cx), dist.MultivariateNormal(my, cy))
@@ -243,8 +245,9 @@ def test_gaussian_kl_matches_closed_form():
                          value_and_grads(R.gaussian_kl, x, y, diagonal=diagonal), rtol=2e-4, atol=1e-5)
 
 
-def test_gaussian_losses_are_finite_on_dead_dimensions():
-    x, y = cloud(6, 10), cloud(6, 10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_losses_are_finite_on_dead_dimensions(device):
+    x, y = cloud(6, 10, device), cloud(6, 10, device)
     y[:, 3:] = 0.0  # dead teacher dimensions (and n < d: singular covariances)
     x[:, 7] = 1.0
     for fn in (lambda a, b: F.gaussian_kl(a, b), lambda a, b: F.gaussian_kl(a, b, diagonal=False),
@@ -258,6 +261,43 @@ def test_gaussian_compile_fullgraph():
     for fn in (F.gaussian_wasserstein, F.gaussian_kl):
         comp = torch.compile(fn, fullgraph=True)
         assert_all_close(value_and_grads(comp, x, y), value_and_grads(fn, x, y), rtol=1e-5, atol=1e-6)
+
+
+LOSSES = {
+    "wasserstein_exact": F.wasserstein_exact,
+    "wasserstein_exact_n_ne_m": F.wasserstein_exact,
+    "gaussian_wasserstein": F.gaussian_wasserstein,
+    "gaussian_wasserstein_diag": lambda a, b: F.gaussian_wasserstein(a, b, diagonal=True),
+    "gaussian_kl": F.gaussian_kl,
+    "gaussian_kl_full": lambda a, b: F.gaussian_kl(a, b, diagonal=False),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_composite_losses_low_precision_and_strides(device, dtype, name):
+    # the composites upcast once: the value is the fp32 one of the rounded inputs, the gradients that one
+    # rounded to the input dtype; strided inputs give the same as contiguous ones
+    fn = LOSSES[name]
+    x = cloud(21, 40, device, dtype).t()[:, ::2]  # (40, 11), strided
+    y = cloud(21 if name.endswith("n_ne_m") else 40, 11, device, dtype, scale=1.5, shift=0.2)
+    if name.endswith("n_ne_m"):
+        y = y[:17]
+    ours = value_and_grads(fn, x, y)
+    ref = value_and_grads(fn, x.float().contiguous(), y.float())
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    for g, r in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(g.float(), r, rtol=2 * torch.finfo(dtype).eps, atol=1e-3 * r.abs().max().item())
+
+
+def test_identical_clouds_give_zero():
+    x = cloud(12, 5)
+    assert F.wasserstein_exact(x, x).item() == 0.0
+    assert abs(F.gaussian_wasserstein(x, x).item()) < 1e-5
+    assert abs(F.gaussian_kl(x, x, diagonal=False).item()) < 1e-4 and abs(F.gaussian_kl(x, x).item()) < 1e-5
+    assert abs(F.mmd(x, x).item()) < 1e-6
 
 
 # ---- class-conditional and joint ----
