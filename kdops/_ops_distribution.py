@@ -115,7 +115,8 @@ def permuted_sq_dist_backward(grad: Tensor, x: Tensor, y: Tensor, perm: Tensor, 
 
 @permuted_sq_dist_backward.register_fake
 def _permuted_sq_dist_backward_fake(grad, x, y, perm, x_grad, y_grad):
-    return (x.new_empty(x.shape) if x_grad else x.new_empty((0,))), (y.new_empty(y.shape) if y_grad else y.new_empty((0,)))
+    gx = x.new_empty(x.shape) if x_grad else x.new_empty((0,))
+    return gx, (y.new_empty(y.shape) if y_grad else y.new_empty((0,)))
 
 
 def _permuted_setup_context(ctx, inputs, output):

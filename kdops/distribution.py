@@ -71,8 +71,10 @@ def wasserstein_exact(x, y):
     The plan comes from POT's ``ot.emd`` (network simplex, float64, on the host) for the cost
     C_ij = |x_i - y_j|^2 and is held fixed: no gradient goes through the solver, so the gradient is that of
     <P, C> at the optimal P (which is the gradient of W2^2 wherever the optimal plan is unique).
-    For n = m the plan is a permutation sigma / n and the loss is (1/n) sum_i |x_i - y_sigma(i)|^2 with only
-    sigma saved for the backward; for n != m it is <P, C> with the dense plan.
+    For n = m the plan is a permutation sigma / n and the loss is (1/n) sum_i |x_i - y_sigma(i)|^2, computed
+    from the differences directly; the backward keeps sigma and the inputs, no (n, d) difference. For n != m
+    it is <P, C> with the dense plan, through the expansion |x|^2 + |y|^2 - 2 <x, y> (one GEMM, no (n, m)
+    cost kept for the backward), which loses digits when W2^2 is tiny next to the squared norms.
     """
     _check_clouds("wasserstein_exact", x, y)
     acc = _acc_dtype(x.dtype)

@@ -78,20 +78,30 @@ std::tuple<at::Tensor, at::Tensor> mmd_forward(const at::Tensor& x_in, const at:
     return {diff.dot(diff), at::zeros({}, x.options())};
   }
   const at::Tensor a = (x * x).sum(1), b = (y * y).sum(1);
-  const at::Tensor gxx = at::mm(x, x.t()), gyy = at::mm(y, y.t()), gxy = at::mm(x, y.t());
+  const double n = double(c.n), m = double(c.m);
   at::Tensor sigma;
   if (c.params.kind != kRbf) {
     sigma = at::zeros({}, x.options());
   } else if (bandwidth > 0) {
     sigma = at::full({}, bandwidth, x.options());
-  } else {
-    const double N = double(c.n + c.m);
-    const at::Tensor s = Dev::block_sum(gxx, a, a, true, kSumDistance, c.params, sigma) +
-                         Dev::block_sum(gyy, b, b, true, kSumDistance, c.params, sigma) +
-                         2.0 * Dev::block_sum(gxy, a, b, false, kSumDistance, c.params, sigma);
-    sigma = s / (N * N - N);
   }
-  const double n = double(c.n), m = double(c.m);
+  if (sigma.defined()) {
+    // One Gram block alive at a time: each is reduced and freed before the next GEMM.
+    const auto block = [&](const at::Tensor& p, const at::Tensor& q, const at::Tensor& np, const at::Tensor& nq,
+                           bool sym) {
+      return Dev::block_sum(at::mm(p, q.t()), np, nq, sym, kSumKernel, c.params, sigma);
+    };
+    at::Tensor loss = block(x, x, a, a, true) / (n * n);
+    loss = loss + block(y, y, b, b, true) / (m * m);
+    return {loss - block(x, y, a, b, false) * (2.0 / (n * m)), sigma};
+  }
+  // The automatic bandwidth needs every distance before any kernel value: the three blocks are kept.
+  const at::Tensor gxx = at::mm(x, x.t()), gyy = at::mm(y, y.t()), gxy = at::mm(x, y.t());
+  const double N = n + m;
+  const at::Tensor s = Dev::block_sum(gxx, a, a, true, kSumDistance, c.params, sigma) +
+                       Dev::block_sum(gyy, b, b, true, kSumDistance, c.params, sigma) +
+                       2.0 * Dev::block_sum(gxy, a, b, false, kSumDistance, c.params, sigma);
+  sigma = s / (N * N - N);
   const at::Tensor loss = Dev::block_sum(gxx, a, a, true, kSumKernel, c.params, sigma) / (n * n) +
                           Dev::block_sum(gyy, b, b, true, kSumKernel, c.params, sigma) / (m * m) -
                           Dev::block_sum(gxy, a, b, false, kSumKernel, c.params, sigma) * (2.0 / (n * m));
