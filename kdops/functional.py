@@ -243,3 +243,5 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
         raise ValueError("logsum_loss: the input is empty")
     loss, _ = torch.ops.kdops.logsum(a, b, float(alpha), float(eps))
     return loss
+from kdops.distribution import (  # noqa: E402,F401  (distribution matching)
+    class_conditional_wasserstein, gaussian_kl, gaussian_wasserstein, joint_wasserstein, mmd, wasserstein_exact)

@@ -233,3 +233,6 @@ class ProjectorLogSumLoss(nn.Module):
         z_s = self._normalise(self.projector(student_features))
         z_t = self._normalise(teacher_features.to(z_s.dtype))
         return self.weight * F.logsum_loss((z_s, z_t), alpha=self.alpha, eps=self.eps)
+from kdops.nn_distribution import (  # noqa: E402,F401  (distribution matching)
+    ClassConditionalWassersteinLoss, GaussianKLLoss, GaussianWassersteinLoss, JointWassersteinLoss, MMDLoss,
+    WassersteinLoss)

@@ -115,3 +115,4 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
     else:
         delta = delta_or_pair
     return torch.log(delta.abs().pow(alpha).sum() + eps)
+from kdops.reference_distribution import *  # noqa: E402,F401,F403  (distribution matching)

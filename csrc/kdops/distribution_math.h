@@ -1,0 +1,91 @@
+// Per-pair math of the MMD kernels, written in terms of the Gram entry g = <x_i, y_j> and the squared norms
+// a = |x_i|^2, b = |y_j|^2 so that the GEMM does the O(d) work and these functions run in its epilogue.
+// Shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "kdops/common.h"
+
+namespace kdops {
+namespace distribution {
+
+enum KernelKind : int { kLinear = 0, kRbf = 1, kPoly = 2 };
+
+template <typename acc_t>
+struct KernelParams {
+  int kind;
+  acc_t gamma, coef0;  // poly
+  int degree;          // poly, >= 1
+};
+
+KDOPS_HOST_DEVICE float sqrt_(float x) {
+  return ::sqrtf(x);
+}
+
+KDOPS_HOST_DEVICE double sqrt_(double x) {
+  return ::sqrt(x);
+}
+
+// |x_i - y_j|^2 from the Gram entry, clamped at 0 (cancellation can make it slightly negative); exactly 0 on
+// the diagonal of a cloud against itself, where the expansion would leave rounding noise.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t sq_dist(acc_t g, acc_t a, acc_t b, bool diagonal) {
+  const acc_t d = a + b - acc_t(2) * g;
+  return (diagonal || !(d > acc_t(0))) ? acc_t(0) : d;
+}
+
+// 1 / (2 sigma^2); 0 for sigma = 0 (every point equal: every distance is 0 and the kernel is 1, not NaN).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t rbf_inv_two_sigma2(acc_t sigma) {
+  return sigma > acc_t(0) ? acc_t(1) / (acc_t(2) * sigma * sigma) : acc_t(0);
+}
+
+// x^p for 0 <= p < 2^Bits by binary exponentiation over a fixed number of bits: no data-dependent trip count,
+// so the loops that call it still vectorise. Bits = 3 covers the usual degrees (<= 7), 31 any int.
+template <int Bits, typename acc_t>
+KDOPS_HOST_DEVICE acc_t int_pow(acc_t x, int p) {
+  acc_t r = acc_t(1);
+  for (int k = 0; k < Bits; ++k) {
+    r = ((p >> k) & 1) ? r * x : r;
+    x *= x;
+  }
+  return r;
+}
+
+// The kernel kind and the exponent width are template parameters so that the per-pair loops compile to one
+// branch-free body each.
+template <int Kind, int Bits = 3>
+struct Kernel {
+  // k(x_i, y_j).
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t value(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
+    if (Kind == kRbf) return exp_(-d2 * inv2s2);
+    if (Kind == kPoly) return int_pow<Bits>(p.gamma * g + p.coef0, p.degree);
+    return g;
+  }
+
+  // dk(x_i, y_j)/dx_i = alpha * x_i + beta * y_j (and symmetrically for y_j). Returns beta; alpha is -beta
+  // for rbf and 0 for the dot-product kernels, so the backward needs one matrix and its row / column sums.
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t beta(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
+    if (Kind == kRbf) return acc_t(2) * inv2s2 * exp_(-d2 * inv2s2);
+    if (Kind == kPoly) return acc_t(p.degree) * p.gamma * int_pow<Bits>(p.gamma * g + p.coef0, p.degree - 1);
+    return acc_t(1);
+  }
+};
+
+// Calls fn(Kernel<...>{}) for the kernel kind and degree of p.
+template <typename acc_t, typename F>
+void dispatch_kernel(const KernelParams<acc_t>& p, F&& fn) {
+  if (p.kind == kRbf) {
+    fn(Kernel<kRbf>{});
+  } else if (p.kind == kPoly && p.degree < 8) {
+    fn(Kernel<kPoly, 3>{});
+  } else if (p.kind == kPoly) {
+    fn(Kernel<kPoly, 31>{});
+  } else {
+    fn(Kernel<kLinear>{});
+  }
+}
+
+}  // namespace distribution
+}  // namespace kdops
