@@ -274,6 +274,17 @@ register(Method("logsum", needs=("pooled",), build=LogSumTerm, trainable=True,
                 defaults={"loss_weight": 2.0, "alpha": 4.0, "norm": "bn", "projector": "linear"},
                 summary="projector + BN + LogSum on penultimate features (Miles & Mikolajczyk)"))
 
+# Distribution matching (KD2M's metric family) on penultimate features; a linear projector maps the student's
+# width to the teacher's when they differ.
+register(Method("w2", needs=("pooled",), build=pair_term("wasserstein_exact", project=True), trainable=True,
+                summary="exact W2^2 between the batch feature clouds (ot.emd plan held fixed)"))
+register(Method("gaussian_w2", needs=("pooled",), build=pair_term("gaussian_wasserstein", project=True),
+                trainable=True, summary="W2^2 between Gaussian fits of the feature clouds (Bures)"))
+register(Method("gaussian_kl", needs=("pooled",), build=pair_term("gaussian_kl", project=True), trainable=True,
+                summary="KL between diagonal Gaussian fits of the feature clouds"))
+register(Method("mmd", needs=("pooled",), build=pair_term("mmd", arg_names=("kernel",), project=True),
+                trainable=True, defaults={"kernel": "rbf"}, summary="MMD^2 between the feature clouds (rbf|linear|poly)"))
+
 
 class Distiller(nn.Module):
     """The trainer's objective: ce_weight * CE + loss_weight * the method's term, averaged over the teachers'
