@@ -1,6 +1,6 @@
 # make demo   set everything up on a fresh machine, then run the demo
 # make test   set everything up, then run the whole test suite
-# make build  (re)build the extension in place; make bench: the benchmarks
+# make build  (re)build the extension in place; make bench: the benchmarks and benchmarks/RESULTS.md
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := build/.kdops-built
 SOURCES := $(shell find csrc -type f) setup.py kdops/version.py
 
-.PHONY: all setup build demo test bench clean
+.PHONY: all setup build demo test bench report clean
 
 all: test
 
@@ -37,9 +37,18 @@ demo: $(STAMP_BUILD)
 test: $(STAMP_BUILD)
 	$(PY) -m pytest python_tests -q
 
+# make bench: every benchmark file (kdops vs eager vs torch.compile vs POT / GeomLoss, with floors and peak
+# memory), then the report; make report: the report again from the last run's JSON.
+BENCH_JSON ?= build/bench.json
+BENCH_ARGS ?=
 bench: $(STAMP_BUILD)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q --benchmark-json=build/bench.json
-	$(PY) -m benchmarks.report build/bench.json
+	@mkdir -p build
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds -q \
+	    --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(MAKE) --no-print-directory report
+
+report:
+	$(PY) -m benchmarks.report $(BENCH_JSON) --out benchmarks/RESULTS.md --plots benchmarks/plots
 
 clean:
 	rm -rf build kdops/_C*.so .pytest_cache
