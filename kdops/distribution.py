@@ -252,9 +252,12 @@ def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3):
 # ---- class-conditional and joint ----
 
 # metric name -> function(x_c, y_c, **metric_kwargs) giving the distance between one class's clouds.
+from kdops.ot import sinkhorn as _sinkhorn  # noqa: E402
+
 CLASS_METRICS = {
     "exact": lambda xc, yc: wasserstein_exact(xc, yc),
     "gaussian": lambda xc, yc, diagonal=False: gaussian_wasserstein(xc, yc, diagonal=diagonal),
+    "sinkhorn": lambda xc, yc, **kw: _sinkhorn(xc, yc, **kw),
 }
 
 
@@ -263,9 +266,11 @@ def class_conditional_wasserstein(x, y, labels, metric="exact", **metric_kwargs)
     uniform weights inside each class (KD2M's class-conditional loss; the released code crashes on it).
 
     x, y: paired features (n, d) of the same n samples; labels: integer class indices (n,). metric:
-    ``exact`` (:func:`wasserstein_exact`) or ``gaussian`` (:func:`gaussian_wasserstein`, ``diagonal`` may be
-    passed). A class with a single sample contributes |x_i - y_i|^2 under either metric: the exact W2 between
-    two Diracs, and for ``gaussian`` the mean term alone, its covariance being 0 (finite gradients).
+    ``exact`` (:func:`wasserstein_exact`), ``gaussian`` (:func:`gaussian_wasserstein`, ``diagonal`` may be
+    passed) or ``sinkhorn`` (:func:`kdops.functional.sinkhorn`, its keyword arguments passed on). A class with a
+    single sample contributes |x_i - y_i|^2 under ``exact`` and ``gaussian``: the exact W2 between two Diracs,
+    and for ``gaussian`` the mean term alone, its covariance being 0 (finite gradients); under ``sinkhorn`` it
+    contributes that pair's cost |x_i - y_i|^p / p.
     Finding the classes present (torch.unique) reads the labels on the host.
     """
     _check_clouds("class_conditional_wasserstein", x, y, same_size=True)

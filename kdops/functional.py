@@ -245,3 +245,4 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
     return loss
 from kdops.distribution import (  # noqa: E402,F401  (distribution matching)
     class_conditional_wasserstein, gaussian_kl, gaussian_wasserstein, joint_wasserstein, mmd, wasserstein_exact)
+from kdops.ot import sinkhorn  # noqa: E402,F401  (entropic optimal transport)

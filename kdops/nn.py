@@ -236,3 +236,4 @@ class ProjectorLogSumLoss(nn.Module):
 from kdops.nn_distribution import (  # noqa: E402,F401  (distribution matching)
     ClassConditionalWassersteinLoss, GaussianKLLoss, GaussianWassersteinLoss, JointWassersteinLoss, MMDLoss,
     WassersteinLoss)
+from kdops.nn_ot import SinkhornLoss  # noqa: E402,F401  (entropic optimal transport)
