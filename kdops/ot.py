@@ -67,7 +67,7 @@ def _plan_pass(x, y, loga, logb, f, g, eps, p, tile):
     for r0 in range(0, n, tile):
         xt = x[:, r0:r0 + tile]
         half_sq = (0.5 * (xt * xt).sum(-1).unsqueeze(-1) + yh.unsqueeze(-2) - xt @ y.transpose(1, 2)).clamp_min(0)
-        dist = (2 * half_sq).sqrt()
+        dist = None if p == 2 else (2 * half_sq).sqrt()
         c = half_sq if p == 2 else dist.pow(p) / p
         logp = (loga[:, r0:r0 + tile].unsqueeze(-1) + logb.unsqueeze(-2)
                 + (f[:, r0:r0 + tile].unsqueeze(-1) + g.unsqueeze(-2) - c) / eps)

@@ -11,6 +11,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <tuple>
+#include <type_traits>
 
 #include "kdops/ot_host.h"
 #include "kdops/ot_math.h"
@@ -28,7 +29,7 @@ struct MaxOp {
   }
 };
 
-template <typename T>
+template <int PK, typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_rows_kernel(const T* __restrict__ d, const T* __restrict__ xh, const T* __restrict__ yh,
                     const T* __restrict__ h, int64_t k, T inv_eps, T eps, T p, T* __restrict__ out) {
@@ -40,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
   const T xi = xh[i];
   T mx = -INFINITY;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    const T v = ot::lse_arg(h[j], ot::cost(row[j], xi, yh[j], p), inv_eps);
+    const T v = ot::lse_arg(h[j], ot::cost<PK>(row[j], xi, yh[j], p), inv_eps);
     mx = v > mx ? v : mx;
   }
   mx = Reduce(tmp).Reduce(mx, MaxOp());
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   T sum = 0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    sum += exp(ot::lse_arg(h[j], ot::cost(row[j], xi, yh[j], p), inv_eps) - mx);
+    sum += exp(ot::lse_arg(h[j], ot::cost<PK>(row[j], xi, yh[j], p), inv_eps) - mx);
   }
   sum = Reduce(tmp).Sum(sum);
   if (threadIdx.x == 0) out[i] = -eps * (mx + log(sum));
@@ -61,16 +62,24 @@ __global__ void __launch_bounds__(kThreads)
 
 struct CudaDev {
   static void lse(const at::Tensor& d, const at::Tensor& xh, const at::Tensor& yh, const at::Tensor& h, double eps,
-                  double p, at::Tensor& out) {
+                  double p, bool given, at::Tensor& out) {
     const int64_t r = d.size(0), k = d.size(1);
     if (r == 0) return;
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "sinkhorn_lse_cuda", [&] {
-      lse_rows_kernel<scalar_t><<<r, kThreads, 0, stream>>>(
-          d.const_data_ptr<scalar_t>(), xh.const_data_ptr<scalar_t>(), yh.const_data_ptr<scalar_t>(),
-          h.const_data_ptr<scalar_t>(), k, scalar_t(1.0 / eps), scalar_t(eps), scalar_t(p),
-          out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto pk) {
+        lse_rows_kernel<decltype(pk)::value, scalar_t><<<r, kThreads, 0, stream>>>(
+            d.const_data_ptr<scalar_t>(), xh.const_data_ptr<scalar_t>(), yh.const_data_ptr<scalar_t>(),
+            h.const_data_ptr<scalar_t>(), k, scalar_t(1.0 / eps), scalar_t(eps), scalar_t(p),
+            out.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (given ? int(ot::kCostGiven) : ot::power_kind(p)) {
+        case ot::kCostGiven: launch(std::integral_constant<int, ot::kCostGiven>()); break;
+        case ot::kPow2: launch(std::integral_constant<int, ot::kPow2>()); break;
+        case ot::kPow1: launch(std::integral_constant<int, ot::kPow1>()); break;
+        default: launch(std::integral_constant<int, ot::kPowGeneral>());
+      }
     });
   }
 };

@@ -1,9 +1,10 @@
 // Host side of the Sinkhorn solver, shared by the CPU and CUDA entry points: checks, the GEMMs (ATen) and the
-// iteration loop. `Dev::lse(D, xh, yh, h, eps, p, out)` is the fused per-device kernel: for each row i of the
-// Gram block D (r x k) it writes out_i = -eps * log sum_k exp(h_k - c(D_ik, xh_i, yh_k) / eps).
+// iteration loop. `Dev::lse(D, xh, yh, h, eps, p, given, out)` is the fused per-device kernel: for each row i
+// of the Gram block D (r x k) it writes out_i = -eps * log sum_k exp(h_k - c(D_ik, xh_i, yh_k) / eps), or with
+// `given` the block is the cost itself.
 //
-// tensorized: D = x y^T and its transpose are formed once; each iteration is two kernel calls into buffers
-// allocated before the loop. online: D is recomputed per tile of `tile` rows into one reused buffer, so
+// tensorized: the cost C and its transpose are formed once (one GEMM); each iteration is two kernel calls into
+// buffers allocated before the loop. online: D is recomputed per tile of `tile` rows into one reused buffer, so
 // memory is O(tile * (n + m) + (n + m) * d) and the n x m cost is never stored.
 #pragma once
 
@@ -12,6 +13,9 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/pow.h>
+#include <ATen/ops/sqrt.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -56,7 +60,7 @@ void update(const at::Tensor& a, const at::Tensor& b, const at::Tensor& full, co
             const at::Tensor& bh, const at::Tensor& h, double eps, double p, const SolveOptions& o, at::Tensor& buf,
             at::Tensor& out) {
   if (!o.online) {
-    Dev::lse(full, ah, bh, h, eps, p, out);
+    Dev::lse(full, ah, bh, h, eps, p, true, out);
     return;
   }
   const int64_t rows = a.size(0);
@@ -66,8 +70,18 @@ void update(const at::Tensor& a, const at::Tensor& b, const at::Tensor& full, co
     at::Tensor d = buf.narrow(0, 0, r1 - r0);
     at::mm_out(d, a.narrow(0, r0, r1 - r0), bt);
     at::Tensor o_slice = out.narrow(0, r0, r1 - r0);
-    Dev::lse(d, ah.narrow(0, r0, r1 - r0), bh, h, eps, p, o_slice);
+    Dev::lse(d, ah.narrow(0, r0, r1 - r0), bh, h, eps, p, false, o_slice);
   }
+}
+
+// The cost |x - y|^p / p (n x m) from one GEMM, as the kernels would compute it (ot_math.h).
+inline at::Tensor cost_matrix(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xh, const at::Tensor& yh,
+                              double p) {
+  at::Tensor c = (xh.unsqueeze(1) + yh.unsqueeze(0)).sub_(at::mm(x, y.t())).clamp_min_(0);
+  if (p == 2.0) return c;
+  c.mul_(2).sqrt_();
+  if (p == 1.0) return c;
+  return c.pow_(p).div_(p);
 }
 
 // Upper bound of the cost over the pairs, for the first eps of eps-scaling: (max|x| + max|y|)^p / p.
@@ -101,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve(const at::Tensor& x_in, con
     const at::Tensor xb = x[b], yb = y[b], la = loga[b], lb = logb[b], xhb = xh[b], yhb = yh[b];
     at::Tensor fb = f[b], gb = g[b];
     if (!o.online) {
-      d = at::mm(xb, yb.t());
+      d = cost_matrix(xb, yb, xhb, yhb, o.p);
       dt = d.t().contiguous();
     }
     const double eps0 = o.scaling > 0 ? std::max(o.eps, cost_bound(xhb, yhb, o.p)) : o.eps;
