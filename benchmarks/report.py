@@ -53,7 +53,7 @@ def collect(runs):
             st = b["stats"]
             ms = extra.get("cuda_event_ms") or st["median"] * 1e3
             stats = {"median": ms, "iqr": st.get("iqr", 0.0) * 1e3, "rounds": st.get("rounds", 0),
-                     "peak": extra.get("peak_mib", float("nan"))}
+                     "peak": extra.get("peak_mib", float("nan")), "value_diff": extra.get("value_diff")}
             sans_mode = tuple((k, v) for k, v in cfg.items() if k != "mode")
             if provider == "floor":
                 floors[(family, sans_mode, device)] = ms
@@ -98,6 +98,8 @@ def family_table(family, entries, floors):
             head.append("vs %s%s" % (o, tag))
     head = [h for h in head if h]
     head += ["kdops / floor", "peak MiB " + " / ".join(kd + base + other), "memory kdops / eager"]
+    diffs = [p for p in base + other if any(r.get(p, {}).get("value_diff") for r in entries.values())]
+    head += ["|value diff| %s" % p for p in diffs]
     lines = ["### %s" % family, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def sort_key(item):
@@ -122,6 +124,9 @@ def family_table(family, entries, floors):
         if k0 and "eager" in r and r["eager"]["peak"] > 0:
             ratio = "%.2f" % (r[k0]["peak"] / r["eager"]["peak"])
         cells.append(ratio)
+        for p in diffs:
+            v = r.get(p, {}).get("value_diff")
+            cells.append("%.1e" % v if v is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
