@@ -134,3 +134,4 @@ def _logsum_backward(ctx, grad, _grad_total):
 torch.library.register_autograd("kdops::logsum", _logsum_backward, setup_context=_logsum_setup_context)
 from kdops import _ops_distribution  # noqa: E402,F401  (distribution-matching ops)
 from kdops import _ops_ot  # noqa: E402,F401  (optimal transport)
+from kdops import _ops_relational  # noqa: E402,F401  (relational ops)

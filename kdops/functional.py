@@ -246,3 +246,6 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
 from kdops.distribution import (  # noqa: E402,F401  (distribution matching)
     class_conditional_wasserstein, gaussian_kl, gaussian_wasserstein, joint_wasserstein, mmd, wasserstein_exact)
 from kdops.ot import sinkhorn  # noqa: E402,F401  (entropic optimal transport)
+from kdops.relational import (  # noqa: E402,F401  (relational losses)
+    angle_tensor, at_loss, cc_loss, fkd_loss, fsp_loss, fsp_matrix, gram, nst_loss, pairwise_distance, pkt_loss,
+    rkd_angle_loss, rkd_distance_loss, rkd_loss, sp_loss)

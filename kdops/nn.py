@@ -237,3 +237,5 @@ from kdops.nn_distribution import (  # noqa: E402,F401  (distribution matching)
     ClassConditionalWassersteinLoss, GaussianKLLoss, GaussianWassersteinLoss, JointWassersteinLoss, MMDLoss,
     WassersteinLoss)
 from kdops.nn_ot import SinkhornLoss  # noqa: E402,F401  (entropic optimal transport)
+from kdops.nn_relational import (  # noqa: E402,F401  (relational losses)
+    ATLoss, CCLoss, FKDLoss, FSPLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss)

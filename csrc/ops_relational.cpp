@@ -1,0 +1,13 @@
+// Schemas of the relational ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // RKD angle loss from the Gram matrices G = X X^T (b, b) of student and teacher: the mean over the b^3
+  // triplets (a, j, k) of smooth-L1(psi_s - psi_t), psi the cosine of the angle at vertex a, in O(b^2) memory.
+  // The backward returns dL/dG per side (the caller's GEMM carries it to X).
+  m.def("rkd_angle(Tensor gram_s, Tensor gram_t) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "rkd_angle_backward(Tensor grad, Tensor gram_s, Tensor gram_t, bool student_grad, bool teacher_grad) "
+      "-> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,332 @@
+"""Relation-based distillation losses (FKD, SP, RKD, PKT, CC) and feature-map relations (NST, AT, FSP).
+
+Conventions follow ``METHODS.md`` ("Relation-based"); every loss takes the student first, gives gradients to the
+student and, when it requires grad, to the teacher, and computes in fp32 for fp16 / bf16 inputs (fp64 for fp64).
+The batch relations (FKD, SP, RKD, PKT, CC) accept ``gather_distributed=True``: under an initialised
+torch.distributed process group the features of all ranks form the batch (all_gather, in rank order), so the
+loss equals the single-process loss on the global batch. The gradient reaching a rank's local features is the
+sum over ranks of each rank's (identical) loss, i.e. world_size times the single-process gradient; DDP's
+averaging of parameter gradients then gives exactly the single-process parameter gradient.
+
+What is fused: the RKD angle loss is one op (``kdops::rkd_angle``) over the Gram matrix, never forming the
+(b, b, d) difference tensors or the b^3 angle tensor (O(b^2) memory). FKD switches to the d x d identity when
+b > d; NST and FSP use batched GEMMs instead of the b·C·C'·HW broadcasts of the published code. The other
+epilogues are a few elementwise ATen ops around the GEMM.
+"""
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+_TINY = 1e-12
+
+
+def _acc(x):
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _check_tensor(name, arg, x, dims):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("%s: %s must be a floating-point tensor, got %s" % (name, arg, getattr(x, "dtype", type(x))))
+    if x.dim() not in dims:
+        raise ValueError("%s: %s must have %s dims, got shape %s"
+                         % (name, arg, " or ".join(map(str, dims)), tuple(x.shape)))
+
+
+def _check_batch(name, s, t, min_b=2):
+    if s.shape[0] != t.shape[0]:
+        raise ValueError("%s: student and teacher must have the same batch size, got %d and %d"
+                         % (name, s.shape[0], t.shape[0]))
+    if s.shape[0] < min_b:
+        raise ValueError("%s: a relational loss needs a batch of at least %d samples, got %d"
+                         % (name, min_b, s.shape[0]))
+    if s.device != t.device:
+        raise ValueError("%s: student and teacher must be on the same device, got %s and %s"
+                         % (name, s.device, t.device))
+
+
+def _flat(name, arg, x):
+    _check_tensor(name, arg, x, (2, 3, 4, 5))
+    return _acc(x.reshape(x.shape[0], -1))
+
+
+def _gather(x):
+    """All ranks' rows of x, in rank order, with gradient to every part (see the module docstring)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(x.contiguous()), 0)
+
+
+def _pair(name, student, teacher, gather_distributed):
+    s, t = _flat(name, "student", student), _flat(name, "teacher", teacher)
+    _check_batch(name, s, t)
+    if gather_distributed:
+        s, t = _gather(s), _gather(t)
+    return s, t
+
+
+# ---- primitives ----
+
+def gram(x, kernel="linear"):
+    """Gram matrix of the rows of x (n, d) -> (n, n), batched (B, n, d) -> (B, n, n): ``linear`` x x^T, ``cosine``
+    U U^T with U = x / max(|x|, 1e-12) (unit diagonal; a zero row gives a zero row and column)."""
+    _check_tensor("gram", "x", x, (2, 3))
+    if kernel not in ("linear", "cosine"):
+        raise ValueError("gram: kernel must be 'linear' or 'cosine', got %r" % (kernel,))
+    x = _acc(x)
+    if kernel == "cosine":
+        x = F.normalize(x, dim=-1, eps=_TINY)
+    return x @ x.transpose(-1, -2)
+
+
+def _sq_dists(g):
+    d = g.diagonal(dim1=-2, dim2=-1)
+    return d.unsqueeze(-1) + d.unsqueeze(-2) - 2 * g
+
+
+def pairwise_distance(x, squared=False):
+    """Euclidean distances between the rows of x (n, d) -> (n, n) (batched (B, n, d) too), from the Gram matrix:
+    sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)) with the diagonal exactly 0 (RKD's pdist); ``squared``
+    gives max(., 0) instead of the root."""
+    _check_tensor("pairwise_distance", "x", x, (2, 3))
+    sq = _sq_dists(gram(x))
+    eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    out = sq.clamp_min(0) if squared else sq.clamp_min(_TINY).sqrt()
+    return out.masked_fill(eye, 0.0)
+
+
+def _inverse_distances(g):
+    """1 / |x_j - x_a| from the Gram matrix; 0 for degenerate pairs (as in kdops/rkd_host.h)."""
+    sq = _sq_dists(g)
+    d = g.diagonal(dim1=-2, dim2=-1)
+    norms = d.unsqueeze(-1) + d.unsqueeze(-2)
+    degenerate = (sq <= norms * (16 * torch.finfo(g.dtype).eps)) | (sq < 1e-24)
+    return torch.where(degenerate, torch.zeros_like(g), sq.clamp_min(1e-24).rsqrt())
+
+
+def angle_tensor(x):
+    """psi[a, j, k] = <n_aj, n_ak>, n_aj = normalize(x_j - x_a) (0 for a zero vector), for x (n, d) -> (n, n, n)
+    or batched (B, n, d) -> (B, n, n, n), built from the Gram matrix (no (n, n, d) differences). Pairs closer
+    than the Gram identity can resolve (16 ulp of the squared norms) count as degenerate."""
+    _check_tensor("angle_tensor", "x", x, (2, 3))
+    g = gram(x)
+    u = _inverse_distances(g)
+    d = g.diagonal(dim1=-2, dim2=-1)
+    num = (g.unsqueeze(-3) - g.unsqueeze(-1) - g.unsqueeze(-2) + d.unsqueeze(-1).unsqueeze(-1))
+    return num * u.unsqueeze(-1) * u.unsqueeze(-2)
+
+
+# ---- batch relations ----
+
+def _unit(h, kernel):
+    return F.normalize(h, dim=1, eps=_TINY) if kernel == "correlation" else h
+
+
+def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, fr_power=2,
+             gather_distributed=False):
+    """Feature Kernel Distillation (He & Ozay): sum over i != j of (rho_s,ij - rho_t,ij)^2 / (b (b - 1)), rho the
+    cosine ("correlation", default) or ``linear`` feature kernel, plus ``fr_weight`` * mean_i |h_s,i|^fr_power.
+
+    ``teacher_feats`` is a tensor or a list of tensors (an ensemble: rho_t is the mean of the teachers' kernels);
+    widths may differ from the student's and from each other, so teachers from another dataset work as long as
+    the batch is the same. When b exceeds every width the d x d identity
+    |A A^T - B B^T|^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2 is used (O(b d^2)), else the b x b kernels."""
+    name = "fkd_loss"
+    if kernel not in ("correlation", "linear"):
+        raise ValueError("%s: kernel must be 'correlation' or 'linear', got %r" % (name, kernel))
+    if fr_power not in (1, 2):
+        raise ValueError("%s: fr_power must be 1 or 2, got %r" % (name, fr_power))
+    if isinstance(fr_weight, bool) or not isinstance(fr_weight, numbers.Real) or not math.isfinite(fr_weight) \
+            or fr_weight < 0:
+        raise ValueError("%s: fr_weight must be a finite number >= 0, got %r" % (name, fr_weight))
+    teachers = list(teacher_feats) if isinstance(teacher_feats, (list, tuple)) else [teacher_feats]
+    if not teachers:
+        raise ValueError("%s: teacher_feats is an empty list" % name)
+    hs = _flat(name, "student_feats", student_feats)
+    hts = []
+    for i, t in enumerate(teachers):
+        ht = _flat(name, "teacher_feats[%d]" % i if len(teachers) > 1 else "teacher_feats", t)
+        _check_batch(name, hs, ht)
+        hts.append(ht.to(hs.dtype))
+    if gather_distributed:
+        hs, hts = _gather(hs), [_gather(h) for h in hts]
+    b, m = hs.shape[0], len(hts)
+    us, uts = _unit(hs, kernel), [_unit(h, kernel) for h in hts]
+    diag_s = (us * us).sum(1)
+    diag_t = sum((u * u).sum(1) for u in uts) / m
+    if b > max(u.shape[1] for u in [us] + uts):
+        full = (us.T @ us).pow(2).sum()
+        full = full - 2.0 / m * sum((us.T @ u).pow(2).sum() for u in uts)
+        full = full + sum((a.T @ c).pow(2).sum() for a in uts for c in uts) / (m * m)
+    else:
+        rho_t = sum(u @ u.T for u in uts) / m
+        full = (us @ us.T - rho_t).pow(2).sum()
+    loss = (full - (diag_s - diag_t).pow(2).sum()) / (b * (b - 1))
+    if fr_weight:
+        loss = loss + fr_weight * hs.norm(dim=1).pow(fr_power).mean()
+    return loss
+
+
+def sp_loss(student, teacher, gather_distributed=False):
+    """Similarity-preserving KD (Tung & Mori): |G~_s - G~_t|_F^2 / b^2 with G = F F^T row-L2-normalised
+    (eps 1e-12), F the flattened feature (b, C*H*W)."""
+    s, t = _pair("sp_loss", student, teacher, gather_distributed)
+    b = s.shape[0]
+    gs = F.normalize(s @ s.T, dim=1, eps=_TINY)
+    gt = F.normalize(t @ t.T, dim=1, eps=_TINY)
+    return (gs - gt).pow(2).sum() / (b * b)
+
+
+def _normalized_distances(x):
+    d = pairwise_distance(x)
+    mean = d.sum() / (d > 0).sum().clamp_min(1)
+    return d / mean
+
+
+def rkd_distance_loss(student, teacher, gather_distributed=False):
+    """RKD distance (Park et al.): smooth-L1 (beta 1) between the pairwise distances of student and teacher, each
+    divided by the mean of its positive entries (the student's mean is not detached, as in the released code),
+    averaged over all b^2 entries."""
+    s, t = _pair("rkd_distance_loss", student, teacher, gather_distributed)
+    return F.smooth_l1_loss(_normalized_distances(s), _normalized_distances(t), reduction="mean")
+
+
+def rkd_angle_loss(student, teacher, gather_distributed=False):
+    """RKD angle (Park et al.): smooth-L1 (beta 1) between the angle cosines psi[a, j, k] of student and teacher,
+    averaged over all b^3 triplets; degenerate triplets (coincident points) are 0 on both sides. One fused op
+    over the Gram matrices: O(b^2) memory, O(b^3) scalar work. Points closer than the Gram identity can resolve
+    (16 ulp of their squared norms, i.e. ~1e-3 relative distance in fp32) count as coincident."""
+    s, t = _pair("rkd_angle_loss", student, teacher, gather_distributed)
+    return torch.ops.kdops.rkd_angle(s @ s.T, t @ t.T)
+
+
+def rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0, gather_distributed=False):
+    """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (the CRD benchmark's 25 and 50)."""
+    s, t = _pair("rkd_loss", student, teacher, gather_distributed)
+    return distance_weight * rkd_distance_loss(s, t) + angle_weight * rkd_angle_loss(s, t)
+
+
+def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
+    """Probabilistic knowledge transfer (Passalis & Tefas): x^ = x / (|x| + eps), S = x^ x^^T, P = ((S + 1) / 2)
+    / rowsum, L = mean over all b^2 entries of P_t log((P_t + eps) / (P_s + eps))."""
+    s, t = _pair("pkt_loss", student, teacher, gather_distributed)
+
+    def probs(x):
+        xn = x / (x.norm(dim=1, keepdim=True) + eps)
+        p = (xn @ xn.T + 1) / 2
+        return p / p.sum(1, keepdim=True)
+
+    ps, pt = probs(s), probs(t)
+    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+
+def cc_loss(student, teacher, gamma=0.4, order=2, gather_distributed=False):
+    """Correlation congruence (Peng et al., the paper's Taylor-expanded Gaussian kernel as torchdistill):
+    C_ij = exp(-2 gamma) sum_{p=0..order} (2 gamma)^p / p! (e_i . e_j)^p, L = |C_s - C_t|_F / b^2 (the norm,
+    not its square)."""
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 0:
+        raise ValueError("cc_loss: order must be an int >= 0, got %r" % (order,))
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+        raise ValueError("cc_loss: gamma must be a finite number, got %r" % (gamma,))
+    s, t = _pair("cc_loss", student, teacher, gather_distributed)
+    b = s.shape[0]
+
+    def corr(x):
+        g = x @ x.T
+        out = torch.zeros_like(g)
+        term = torch.ones_like(g)
+        for p in range(order + 1):
+            if p:
+                term = term * g
+            out = out + (2 * gamma) ** p / math.factorial(p) * term
+        return math.exp(-2 * gamma) * out
+
+    return (corr(s) - corr(t)).norm() / (b * b)
+
+
+# ---- feature-map relations ----
+
+def _maps(name, student, teacher, same_channels=False):
+    for arg, x in (("student", student), ("teacher", teacher)):
+        _check_tensor(name, arg, x, (3, 4, 5))
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError("%s: student and teacher must have the same batch size, got %d and %d"
+                         % (name, student.shape[0], teacher.shape[0]))
+    if student.shape[2:] != teacher.shape[2:]:
+        raise ValueError("%s: student and teacher maps must have the same spatial size (pool or interpolate "
+                         "first), got %s and %s" % (name, tuple(student.shape[2:]), tuple(teacher.shape[2:])))
+    if same_channels and student.shape[1] != teacher.shape[1]:
+        raise ValueError("%s: student and teacher must have the same channels, got %d and %d"
+                         % (name, student.shape[1], teacher.shape[1]))
+    if student.device != teacher.device:
+        raise ValueError("%s: student and teacher must be on the same device" % name)
+    b = student.shape[0]
+    return _acc(student.reshape(b, student.shape[1], -1)), _acc(teacher.reshape(b, teacher.shape[1], -1))
+
+
+def at_loss(student, teacher, p=2, mode="code"):
+    """Attention transfer (Zagoruyko & Komodakis): a = normalize over HW of the channel mean of |f|^p;
+    ``mode="code"`` (the released code): mean over (b, HW) of (a_s - a_t)^2; ``mode="paper"``: channel sum instead
+    of mean and L = sum_i |a_s,i - a_t,i|_2 / b. Channels may differ, spatial sizes must match."""
+    if mode not in ("code", "paper"):
+        raise ValueError("at_loss: mode must be 'code' or 'paper', got %r" % (mode,))
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
+        raise ValueError("at_loss: p must be a number > 0, got %r" % (p,))
+    s, t = _maps("at_loss", student, teacher)
+
+    def attention(x):
+        e = x.abs().pow(p)
+        e = e.mean(1) if mode == "code" else e.sum(1)
+        return F.normalize(e, dim=1, eps=_TINY)
+
+    diff = attention(s) - attention(t)
+    if mode == "code":
+        return diff.pow(2).mean()
+    return diff.norm(dim=1).sum() / s.shape[0]
+
+
+def nst_loss(student, teacher):
+    """Neural selectivity transfer (Huang & Wang): per sample the channels (L2-normalised over HW) are the points,
+    polynomial kernel k(x, y) = (x.y)^2; L = mean k(T, T) + mean k(S, S) - 2 mean k(S, T), means over channel
+    pairs then over the batch. Batched GEMMs (b, C, C'), never the b.C.C'.HW broadcast."""
+    s, t = _maps("nst_loss", student, teacher)
+    s, t = F.normalize(s, dim=2, eps=_TINY), F.normalize(t, dim=2, eps=_TINY)
+    k_tt = (t @ t.transpose(1, 2)).pow(2).mean((1, 2))
+    k_ss = (s @ s.transpose(1, 2)).pow(2).mean((1, 2))
+    k_st = (s @ t.transpose(1, 2)).pow(2).mean((1, 2))
+    return (k_tt + k_ss - 2 * k_st).mean()
+
+
+def fsp_matrix(first, second):
+    """FSP matrix (Yim et al.) of two maps of one network with equal H*W: (b, C1, H, W), (b, C2, H, W) ->
+    (b, C1, C2) = F1 F2^T / HW, one batched GEMM."""
+    name = "fsp_matrix"
+    for arg, x in (("first", first), ("second", second)):
+        _check_tensor(name, arg, x, (3, 4, 5))
+    if first.shape[0] != second.shape[0] or first.shape[2:] != second.shape[2:]:
+        raise ValueError("%s: the two maps must share batch and spatial size, got %s and %s"
+                         % (name, tuple(first.shape), tuple(second.shape)))
+    b = first.shape[0]
+    a, c = _acc(first.reshape(b, first.shape[1], -1)), _acc(second.reshape(b, second.shape[1], -1))
+    return a @ c.transpose(1, 2) / a.shape[2]
+
+
+def fsp_loss(student_pairs, teacher_pairs):
+    """FSP (Yim et al.): for each pair of layers, mean over (b, C1, C2) of (G_s - G_t)^2 with G = fsp_matrix;
+    the sum over the pairs. Student and teacher pairs must give matrices of the same shape."""
+    if not isinstance(student_pairs, (list, tuple)) or not isinstance(teacher_pairs, (list, tuple)) \
+            or len(student_pairs) != len(teacher_pairs) or not student_pairs:
+        raise ValueError("fsp_loss: student_pairs and teacher_pairs must be non-empty lists of (first, second) "
+                         "map pairs of equal length")
+    total = 0
+    for i, (sp, tp) in enumerate(zip(student_pairs, teacher_pairs)):
+        gs, gt = fsp_matrix(*sp), fsp_matrix(*tp)
+        if gs.shape != gt.shape:
+            raise ValueError("fsp_loss: pair %d gives FSP matrices %s (student) and %s (teacher); channels must match"
+                             % (i, tuple(gs.shape), tuple(gt.shape)))
+        total = total + (gs - gt).pow(2).mean()
+    return total

@@ -1,0 +1,283 @@
+"""Relational losses (FKD, SP, RKD, PKT, CC, NST, AT, FSP) and primitives: parity with the published-style
+references (loss, student and teacher gradients), the published conventions on hand-computed cases, float64
+gradcheck, opcheck, compile, low precision, extremes, bad inputs and the global batch under torch.distributed."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as TF
+
+from conftest import DEVICES
+from kdops import functional as F
+from kdops import nn as knn
+from kdops import reference as R
+
+BATCH_LOSSES = ["fkd_loss", "sp_loss", "rkd_distance_loss", "rkd_angle_loss", "pkt_loss", "cc_loss"]
+MAP_LOSSES = ["at_loss", "nst_loss"]
+
+
+def values_and_grads(fn, s, t, **kw):
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_()
+    out = fn(s, t, **kw)
+    gs, gt = torch.autograd.grad(out * 0.7, (s, t))
+    return out.detach(), gs, gt
+
+
+def assert_parity(name, s, t, rtol=1e-7, atol=1e-10, **kw):
+    ours = values_and_grads(getattr(F, name), s, t, **kw)
+    ref = values_and_grads(getattr(R, name), s.double(), t.double(), **kw)
+    for what, a, b in zip(("loss", "student grad", "teacher grad"), ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: "%s %s: %s" % (name, what, m))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BATCH_LOSSES)
+@pytest.mark.parametrize("b, ds, dt", [(2, 5, 5), (3, 1, 1), (37, 5, 9), (37, 1000, 600), (64, 8, 12)])
+def test_batch_losses_match_reference(device, name, b, ds, dt):
+    g = torch.Generator().manual_seed(b * 1000 + ds)
+    s = torch.randn(b, ds, generator=g, dtype=torch.float64).to(device)
+    t = torch.randn(b, dt, generator=g, dtype=torch.float64).to(device)
+    assert_parity(name, s, t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", MAP_LOSSES + ["sp_loss", "rkd_angle_loss"])
+def test_map_inputs_match_reference(device, name):
+    s = torch.randn(6, 5, 4, 3, dtype=torch.float64, device=device)
+    t = torch.randn(6, 7, 4, 3, dtype=torch.float64, device=device)  # channels differ
+    assert_parity(name, s, t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_at_paper_mode_and_fsp_match_reference(device):
+    s = torch.randn(5, 6, 4, 4, dtype=torch.float64, device=device)
+    t = torch.randn(5, 3, 4, 4, dtype=torch.float64, device=device)
+    assert_parity("at_loss", s, t, mode="paper")
+    assert_parity("at_loss", s, t, p=3)
+    pairs_s = [(torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device).requires_grad_(),
+                torch.randn(4, 6, 5, 5, dtype=torch.float64, device=device).requires_grad_())]
+    pairs_t = [(torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device),
+                torch.randn(4, 6, 5, 5, dtype=torch.float64, device=device))]
+    ours, ref = F.fsp_loss(pairs_s, pairs_t), R.fsp_loss(pairs_s, pairs_t)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(ours, pairs_s[0]), torch.autograd.grad(ref, pairs_s[0])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fkd_ensemble_kernels_and_identity(device):
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(50, 7, generator=g, dtype=torch.float64).to(device)
+    teachers = [torch.randn(50, w, generator=g, dtype=torch.float64).to(device) for w in (9, 30)]
+    for kernel in ("correlation", "linear"):
+        for b in (50, 12):  # b > every width: the d x d identity; b <= a width: the b x b kernels
+            kw = dict(kernel=kernel, fr_weight=0.3, fr_power=1)
+            ours = F.fkd_loss(s[:b], [t[:b] for t in teachers], **kw)
+            torch.testing.assert_close(ours, R.fkd_loss(s[:b], [t[:b] for t in teachers], **kw), rtol=1e-10, atol=0)
+    assert_parity("fkd_loss", s, teachers[1], kernel="linear")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_primitives_batched_and_against_reference(device):
+    x = torch.randn(3, 9, 4, dtype=torch.float64, device=device)
+    for fn, kw in ((F.gram, dict(kernel="cosine")), (F.gram, {}), (F.pairwise_distance, {}),
+                   (F.pairwise_distance, dict(squared=True)), (F.angle_tensor, {})):
+        out = fn(x, **kw)
+        torch.testing.assert_close(out, getattr(R, fn.__name__)(x, **kw), rtol=1e-9, atol=1e-10)
+        for i in range(3):
+            torch.testing.assert_close(out[i], fn(x[i], **kw), rtol=1e-12, atol=1e-14)
+    assert F.angle_tensor(x).shape == (3, 9, 9, 9)
+    assert (F.pairwise_distance(x).diagonal(dim1=1, dim2=2) == 0).all()
+
+
+def test_published_conventions_on_hand_computed_cases():
+    # SP: G = F F^T row-normalised, |.|_F^2 / b^2
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    # G~_s = I; G~_t = all 1/sqrt(2); |I - G~_t|^2 = 2 (1 - 1/sqrt2)^2 + 2 (1/2)
+    expected = (2 * (1 - 2 ** -0.5) ** 2 + 1.0) / 4
+    assert F.sp_loss(s, t).item() == pytest.approx(expected, rel=1e-12)
+    # PKT: the mean over all b^2 entries (not a sum, not per row)
+    ps = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    pt = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    # P_s = [[2/3, 1/3], [1/3, 2/3]], P_t = all 1/2 (eps ignored below 1e-6 relative)
+    kl = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
+    assert F.pkt_loss(ps, pt).item() == pytest.approx(2 * kl / 4, rel=1e-6)
+    # CC: the Frobenius norm itself (not squared) / b^2
+    e1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    e2 = torch.zeros(2, 2, dtype=torch.float64)
+    k = lambda z: math.exp(-0.8) * (1 + 0.8 * z + 0.32 * z * z)  # noqa: E731
+    diff = torch.tensor([[k(1) - k(0), 0.0], [0.0, k(1) - k(0)]], dtype=torch.float64)
+    assert F.cc_loss(e1, e2).item() == pytest.approx(diff.norm().item() / 4, rel=1e-12)
+    # FKD: the diagonal is left out and the sum is over b(b-1) pairs
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    rho_a = torch.tensor([[1, 0, 2 ** -0.5], [0, 1, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1]], dtype=torch.float64)
+    assert F.fkd_loss(a, c).item() == pytest.approx(((rho_a - 1) ** 2).sum().item() / 6, rel=1e-12)
+    # AT: code = mean over (b, HW) of squared differences of normalised channel means; paper = per-sample norms
+    fs = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    fs[0, :, 0, 0] = 1.0
+    ft = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    ft[0, 0, 0, 1] = 3.0
+    assert F.at_loss(fs, ft).item() == pytest.approx(1.0, rel=1e-12)  # a_s = (1, 0), a_t = (0, 1)
+    assert F.at_loss(fs, ft, mode="paper").item() == pytest.approx(2 ** 0.5, rel=1e-12)
+
+
+def test_rkd_distance_student_mean_is_not_detached():
+    s = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 3, dtype=torch.float64)
+    g = torch.autograd.grad(F.rkd_distance_loss(s, t), s)[0]
+    d = F.pairwise_distance(s)
+    detached = TF.smooth_l1_loss(d / (d.sum() / (d > 0).sum()).detach(),
+                                 F.pairwise_distance(t) / F.pairwise_distance(t)[F.pairwise_distance(t) > 0].mean())
+    g_detached = torch.autograd.grad(detached, s)[0]
+    assert not torch.allclose(g, g_detached, rtol=1e-6)
+    torch.testing.assert_close(g, torch.autograd.grad(R.rkd_distance_loss(s, t), s)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rkd_duplicates_zero_rows_and_near_duplicates(device):
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(8, 6, generator=g, dtype=torch.float64).to(device)
+    t = torch.randn(8, 6, generator=g, dtype=torch.float64).to(device)
+    s[3] = s[1]  # exact duplicate: a zero distance
+    t[5] = 0.0  # a zero row
+    # the loss matches the reference (degenerate triplets are 0 on both sides); the reference's gradient there
+    # is normalize()'s 1/eps blow-up (~1e9), kdops gives degenerate pairs no gradient
+    torch.testing.assert_close(F.rkd_angle_loss(s, t), R.rkd_angle_loss(s, t), rtol=1e-10, atol=0)
+    for name in BATCH_LOSSES:
+        for dtype in (torch.float32, torch.float64):
+            out, gs, gt = values_and_grads(getattr(F, name), s.to(dtype), t.to(dtype))
+            assert torch.isfinite(out) and torch.isfinite(gs).all() and torch.isfinite(gt).all(), name
+    near = s.clone().float()
+    near[4] = near[2] + 1e-6  # closer than fp32's Gram identity resolves: treated as coincident, finite
+    out, gs, gt = values_and_grads(F.rkd_angle_loss, near, t.float())
+    assert torch.isfinite(out) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    zeros = torch.zeros(5, 4, dtype=torch.float64, device=device)
+    for name in BATCH_LOSSES + MAP_LOSSES:
+        x = zeros if name in BATCH_LOSSES else zeros.view(5, 2, 2, 1)
+        out, gs, _ = values_and_grads(getattr(F, name), x, x + 1)
+        assert torch.isfinite(out) and torch.isfinite(gs).all(), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+def test_low_precision_inputs(device, dtype, rtol):
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(37, 24, generator=g).to(device)
+    t = torch.randn(37, 40, generator=g).to(device)
+    for name in BATCH_LOSSES:
+        ours = getattr(F, name)(s.to(dtype), t.to(dtype))
+        assert ours.dtype == torch.float32
+        ref = getattr(R, name)(s.to(dtype).double(), t.to(dtype).double())
+        torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=1e-6, msg=lambda m: "%s: %s" % (name, m))
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for name in BATCH_LOSSES:
+        assert torch.autograd.gradcheck(getattr(F, name), (s, t)), name
+    ms = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    mt = torch.randn(3, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    for name in MAP_LOSSES:
+        assert torch.autograd.gradcheck(getattr(F, name), (ms, mt)), name
+    gs = s @ s.T
+    gt = t @ t.T
+    assert torch.autograd.gradcheck(torch.ops.kdops.rkd_angle, (gs.detach().requires_grad_(),
+                                                                 gt.detach().requires_grad_()))
+
+
+def test_opcheck_and_compile():
+    s, t = torch.randn(7, 5), torch.randn(7, 3)
+    torch.library.opcheck(torch.ops.kdops.rkd_angle, (s @ s.T, t @ t.T))
+    torch.library.opcheck(torch.ops.kdops.rkd_angle_backward, (torch.tensor(1.3), s @ s.T, t @ t.T, True, True))
+    for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss"):
+        fn = getattr(F, name)
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(s, t), fn(s, t), rtol=1e-5, atol=1e-7)
+    ms, mt = torch.randn(3, 4, 3, 3), torch.randn(3, 2, 3, 3)
+    torch.testing.assert_close(torch.compile(F.nst_loss, fullgraph=True)(ms, mt), F.nst_loss(ms, mt), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_modules_match_functionals():
+    s, t = torch.randn(9, 6), torch.randn(9, 4)
+    torch.testing.assert_close(knn.RKDLoss()(s, t), 25 * F.rkd_distance_loss(s, t) + 50 * F.rkd_angle_loss(s, t))
+    torch.testing.assert_close(knn.FKDLoss(fr_weight=0.1)(s, [t, s]), F.fkd_loss(s, [t, s], fr_weight=0.1))
+    torch.testing.assert_close(knn.PKTLoss()(s, t), F.pkt_loss(s, t))
+    torch.testing.assert_close(knn.CCLoss(gamma=0.3)(s, t), F.cc_loss(s, t, gamma=0.3))
+    torch.testing.assert_close(knn.SPLoss()(s, t), F.sp_loss(s, t))
+    ms, mt = torch.randn(3, 4, 3, 3), torch.randn(3, 2, 3, 3)
+    torch.testing.assert_close(knn.ATLoss(mode="paper")(ms, mt), F.at_loss(ms, mt, mode="paper"))
+    torch.testing.assert_close(knn.NSTLoss()(ms, mt), F.nst_loss(ms, mt))
+    ms2 = torch.randn(3, 4, 3, 3)
+    torch.testing.assert_close(knn.FSPLoss()([(ms, mt)], [(ms2, mt)]), F.fsp_loss([(ms, mt)], [(ms2, mt)]))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: F.sp_loss(torch.randn(1, 3), torch.randn(1, 3)), "at least 2"),
+    (lambda: F.rkd_angle_loss(torch.randn(4, 3), torch.randn(5, 3)), "same batch size"),
+    (lambda: F.fkd_loss(torch.randn(4, 3), [torch.randn(4, 2), torch.randn(3, 2)]), "same batch size"),
+    (lambda: F.fkd_loss(torch.randn(4, 3), torch.randn(4, 3), kernel="rbf"), "kernel"),
+    (lambda: F.fkd_loss(torch.randn(4, 3), []), "empty"),
+    (lambda: F.at_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "spatial size"),
+    (lambda: F.nst_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "spatial size"),
+    (lambda: F.nst_loss(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4)), "same batch size"),
+    (lambda: F.fsp_loss([(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))],
+                        [(torch.randn(2, 4, 4, 4), torch.randn(2, 5, 4, 4))]), "channels must match"),
+    (lambda: F.fsp_matrix(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "spatial size"),
+    (lambda: F.pkt_loss(torch.randint(0, 3, (4, 3)), torch.randn(4, 3)), "floating-point"),
+    (lambda: F.gram(torch.randn(3), kernel="linear"), "dims"),
+    (lambda: torch.ops.kdops.rkd_angle(torch.randn(3, 3), torch.randn(3, 4)), "must both be"),
+])
+def test_bad_inputs(call, message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        call()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank, world, port, s, t, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        half = s.shape[0] // world
+        results = {}
+        for name in BATCH_LOSSES:
+            local = s[rank * half:(rank + 1) * half].clone().requires_grad_()
+            loss = getattr(F, name)(local, t[rank * half:(rank + 1) * half], gather_distributed=True)
+            results[name] = (loss.detach(), torch.autograd.grad(loss, local)[0])
+        out[rank] = results
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_distributed_two_processes_equals_global_batch():
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(12, 5, generator=g), torch.randn(12, 7, generator=g)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_distributed_worker, args=(2, _free_port(), s, t, out), nprocs=2, join=True)
+        out = dict(out)
+    for name in BATCH_LOSSES:
+        sg = s.clone().requires_grad_()
+        ref = getattr(F, name)(sg, t)
+        ref_grad = torch.autograd.grad(ref, sg)[0]
+        for rank in range(2):
+            loss, grad = out[rank][name]
+            torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: name + m)
+            # every rank's loss is the global one; all_gather's backward sums them: world_size x the gradient
+            torch.testing.assert_close(grad / 2, ref_grad[rank * 6:(rank + 1) * 6], rtol=1e-4, atol=1e-7,
+                                       msg=lambda m: name + m)
