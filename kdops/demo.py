@@ -23,7 +23,7 @@ import kdops
 from kdops import data, methods, models, train
 from kdops.runlog import load_checkpoint
 
-METHODS = ["none", "kd", "dkd", "ofd", "logsum"]
+METHODS = ["none", "kd", "dkd", "fkd", "ofd", "logsum"]
 
 
 def run_quiet(argv, log):

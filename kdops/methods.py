@@ -284,6 +284,28 @@ register(Method("gaussian_kl", needs=("pooled",), build=pair_term("gaussian_kl",
                 summary="KL between diagonal Gaussian fits of the feature clouds"))
 register(Method("mmd", needs=("pooled",), build=pair_term("mmd", arg_names=("kernel",), project=True),
                 trainable=True, defaults={"kernel": "rbf"}, summary="MMD^2 between the feature clouds (rbf|linear|poly)"))
+register(Method("sinkhorn", needs=("pooled",), build=pair_term("sinkhorn", arg_names=("eps",), project=True),
+                trainable=True, defaults={"eps": 0.1}, summary="entropic OT (Sinkhorn) between the feature clouds"))
+
+# Relational losses: batch relations on penultimate features (over the global batch under DDP), feature-map
+# relations on stage outputs (paired from the last stage backwards). Weights are the CRD benchmark's where it has
+# them (RKD 25 / 50 inside RKDLoss, PKT 30000, SP 3000, CC 0.02, AT 1000, NST 50); FKD's are not published:
+# 1.0 here, chosen so its term is of the order of the cross-entropy on the bundled data.
+register(Method("fkd", needs=("pooled",), build=pair_term("fkd_loss", arg_names=("kernel", "fr_weight")),
+                defaults={"kernel": "correlation", "fr_weight": 0.0}, distributed=True, joint_teachers=True,
+                summary="Feature Kernel Distillation: cosine feature kernels (teachers of any width / dataset)"))
+register(Method("sp", needs=("pooled",), build=pair_term("sp_loss"), defaults={"loss_weight": 3000.0},
+                distributed=True, summary="similarity-preserving KD"))
+register(Method("rkd", needs=("pooled",), build=pair_term("rkd_loss"), distributed=True,
+                summary="relational KD: 25 distance + 50 angle"))
+register(Method("pkt", needs=("pooled",), build=pair_term("pkt_loss"), defaults={"loss_weight": 30000.0},
+                distributed=True, summary="probabilistic knowledge transfer"))
+register(Method("cc", needs=("pooled",), build=pair_term("cc_loss"), defaults={"loss_weight": 0.02},
+                distributed=True, summary="correlation congruence"))
+register(Method("at", needs=("stages",), build=pair_term("at_loss", "stages"), defaults={"loss_weight": 1000.0},
+                summary="attention transfer on every stage"))
+register(Method("nst", needs=("stages",), build=pair_term("nst_loss", "stages"), defaults={"loss_weight": 50.0},
+                summary="neural selectivity transfer on every stage"))
 
 
 class Distiller(nn.Module):
