@@ -198,6 +198,42 @@ class HintTerm(Term):
         return self.lib.hint_loss(self.regressor(_as_map(fs)), _as_map(ft).to(fs.dtype))
 
 
+class FSPTerm(Term):
+    """FSP (Yim et al.) between consecutive stages, as RepDistiller pairs them: the larger map of a pair is
+    average-pooled to the smaller one's size. When a student stage is narrower or wider than the teacher's
+    stage of the same index (stages paired from the last backwards), a 1x1 conv maps it to the teacher's
+    channels so the FSP matrices compare."""
+
+    def __init__(self, ctx):
+        super().__init__()
+        ss, ts = ctx.student_out.stages, ctx.teacher_out.stages
+        n = min(len(ss), len(ts))
+        if n < 2:
+            raise MethodError("fsp needs at least two stages in both networks, got %d and %d" % (len(ss), len(ts)))
+        self.si, self.ti = list(range(len(ss) - n, len(ss))), list(range(len(ts) - n, len(ts)))
+        for i, j in zip(self.si, self.ti):
+            if _as_map(ss[i]).dim() != 4 or _as_map(ts[j]).dim() != 4:
+                raise MethodError("fsp compares 2-d feature maps; stage outputs are %s and %s"
+                                  % (tuple(ss[i].shape), tuple(ts[j].shape)))
+        self.connectors = nn.ModuleList(
+            nn.Identity() if ss[i].shape[1] == ts[j].shape[1] else nn.Conv2d(ss[i].shape[1], ts[j].shape[1], 1)
+            for i, j in zip(self.si, self.ti))
+
+    @staticmethod
+    def _pairs(maps):
+        out = []
+        for a, b in zip(maps[:-1], maps[1:]):
+            size = min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3])
+            out.append((torch.nn.functional.adaptive_avg_pool2d(a, size),
+                        torch.nn.functional.adaptive_avg_pool2d(b, size)))
+        return out
+
+    def forward(self, s, t, y, epoch):
+        fs = [c(_as_map(s.stages[i])) for c, i in zip(self.connectors, self.si)]
+        ft = [_as_map(t.stages[j]).to(fs[0].dtype) for j in self.ti]
+        return self.lib.fsp_loss(self._pairs(fs), self._pairs(ft))
+
+
 class LogSumTerm(Term):
     """Projector + normalisation + LogSum on the penultimate features (Miles & Mikolajczyk)."""
 
@@ -304,6 +340,8 @@ register(Method("cc", needs=("pooled",), build=pair_term("cc_loss"), defaults={"
                 distributed=True, summary="correlation congruence"))
 register(Method("at", needs=("stages",), build=pair_term("at_loss", "stages"), defaults={"loss_weight": 1000.0},
                 summary="attention transfer on every stage"))
+register(Method("fsp", needs=("stages",), build=FSPTerm, trainable=True, defaults={"loss_weight": 50.0},
+                summary="FSP matrices between consecutive stages (1x1 connectors where widths differ)"))
 register(Method("nst", needs=("stages",), build=pair_term("nst_loss", "stages"), defaults={"loss_weight": 50.0},
                 summary="neural selectivity transfer on every stage"))
 
