@@ -132,6 +132,7 @@ def test_online_memory_large(benchmark, device):
         return torch.autograd.grad(v, xs)
 
     benchmark.extra_info["family"] = "sinkhorn-online-memory"
+    benchmark.extra_info["provider"] = "kdops-online"
     benchmark.extra_info["params"] = {"shape": "%dx128" % n, "dtype": "fp32", "mode": "fwd+bwd, 3 iterations"}
     benchmark.extra_info["device"] = device
     benchmark.extra_info["peak_mib"] = round(peak_memory_mib(call, device), 1)

@@ -42,8 +42,14 @@ def collect(runs):
     """{family: {(config items, device): {provider: stats}}} and the floors {(family, config-sans-mode, device): ms}."""
     rows = defaultdict(lambda: defaultdict(dict))
     floors = {}
+    latest = {}  # a test run again in a later JSON replaces its earlier result
     for run in runs:
         for b in run["benchmarks"]:
+            latest[b.get("fullname") or id(b)] = b
+    for run in runs:
+        for b in run["benchmarks"]:
+            if latest.get(b.get("fullname") or id(b)) is not b:
+                continue
             extra = b.get("extra_info", {})
             family = extra.get("family", b.get("group") or "?")
             provider, cfg = _provider(b)
