@@ -1,3 +1,6 @@
+import json
+import os
+
 import pytest
 import torch
 
@@ -8,3 +11,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def read_metrics(out):
+    """The per-epoch rows a trainer run wrote to OUT/metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fake_data
-from conftest import needs_cuda
+from conftest import needs_cuda, read_metrics
 from kdops import data, methods, models, train
 from kdops.runlog import load_checkpoint
 
@@ -21,9 +21,7 @@ def run(*argv):
     assert train.main([str(a) for a in argv]) == 0
 
 
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

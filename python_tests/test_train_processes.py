@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import read_metrics
 import torch
 
 from kdops import train
@@ -23,9 +24,7 @@ def env():
     return e
 
 
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

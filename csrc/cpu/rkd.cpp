@@ -26,17 +26,24 @@ struct Rows {
   int64_t b;
 };
 
+// The rows and scalars of the triplets (a, j, *) on both sides: psi_s(k) and psi_t(k) for k = 0..b-1.
+template <typename T>
+struct Fan {
+  const T *gsj, *gtj, *gsa, *gta, *usa, *uta;
+  T gs_aj, gs_aa, us_aj, gt_aj, gt_aa, ut_aj;
+  Fan(const Rows<T>& m, int64_t a, int64_t j)
+      : gsj(m.gs + j * m.b), gtj(m.gt + j * m.b), gsa(m.gs + a * m.b), gta(m.gt + a * m.b), usa(m.us + a * m.b),
+        uta(m.ut + a * m.b), gs_aj(gsa[j]), gs_aa(gsa[a]), us_aj(usa[j]), gt_aj(gta[j]), gt_aa(gta[a]),
+        ut_aj(uta[j]) {}
+};
+
 // sum_k huber(psi_s - psi_t) for vertex a and point j
 template <typename T>
 KDOPS_CPU_CLONES T triplet_row_loss(const Rows<T>& m, int64_t a, int64_t j) {
   const int64_t b = m.b;
-  const T* gsj = m.gs + j * b;
-  const T* gtj = m.gt + j * b;
-  const T* gsa = m.gs + a * b;
-  const T* gta = m.gt + a * b;
-  const T* usa = m.us + a * b;
-  const T* uta = m.ut + a * b;
-  const T gs_aj = gsa[j], gs_aa = gsa[a], us_aj = usa[j], gt_aj = gta[j], gt_aa = gta[a], ut_aj = uta[j];
+  const Fan<T> f(m, a, j);
+  const T *gsj = f.gsj, *gtj = f.gtj, *gsa = f.gsa, *gta = f.gta, *usa = f.usa, *uta = f.uta;
+  const T gs_aj = f.gs_aj, gs_aa = f.gs_aa, us_aj = f.us_aj, gt_aj = f.gt_aj, gt_aa = f.gt_aa, ut_aj = f.ut_aj;
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < b; ++k) {
@@ -51,13 +58,9 @@ KDOPS_CPU_CLONES T triplet_row_loss(const Rows<T>& m, int64_t a, int64_t j) {
 template <typename T>
 KDOPS_CPU_CLONES void triplet_row_sums(const Rows<T>& m, int64_t a, int64_t j, T c, T* out4) {
   const int64_t b = m.b;
-  const T* gsj = m.gs + j * b;
-  const T* gtj = m.gt + j * b;
-  const T* gsa = m.gs + a * b;
-  const T* gta = m.gt + a * b;
-  const T* usa = m.us + a * b;
-  const T* uta = m.ut + a * b;
-  const T gs_aj = gsa[j], gs_aa = gsa[a], us_aj = usa[j], gt_aj = gta[j], gt_aa = gta[a], ut_aj = uta[j];
+  const Fan<T> f(m, a, j);
+  const T *gsj = f.gsj, *gtj = f.gtj, *gsa = f.gsa, *gta = f.gta, *usa = f.usa, *uta = f.uta;
+  const T gs_aj = f.gs_aj, gs_aa = f.gs_aa, us_aj = f.us_aj, gt_aj = f.gt_aj, gt_aa = f.gt_aa, ut_aj = f.ut_aj;
   T ws = 0, qs = 0, wt = 0, qt = 0;
 #pragma omp simd reduction(+ : ws, qs, wt, qt)
   for (int64_t k = 0; k < b; ++k) {
@@ -82,11 +85,9 @@ KDOPS_CPU_CLONES void triplet_cols(const Rows<T>& m, int64_t j, T c, T* dgs_j, T
   const T* gsj = m.gs + j * b;
   const T* gtj = m.gt + j * b;
   for (int64_t a = 0; a < b; ++a) {
-    const T* gsa = m.gs + a * b;
-    const T* gta = m.gt + a * b;
-    const T* usa = m.us + a * b;
-    const T* uta = m.ut + a * b;
-    const T gs_aj = gsa[j], gs_aa = gsa[a], us_aj = usa[j], gt_aj = gta[j], gt_aa = gta[a], ut_aj = uta[j];
+    const Fan<T> f(m, a, j);
+    const T *gsa = f.gsa, *gta = f.gta, *usa = f.usa, *uta = f.uta;
+    const T gs_aj = f.gs_aj, gs_aa = f.gs_aa, us_aj = f.us_aj, gt_aj = f.gt_aj, gt_aa = f.gt_aa, ut_aj = f.ut_aj;
     if (us_aj == T(0) && ut_aj == T(0)) continue;  // every psi with this pair is 0 on both sides
 #pragma omp simd
     for (int64_t k = 0; k < b; ++k) {
