@@ -407,7 +407,7 @@ BAD = [
      r"labels must have shape \(n,\) = \(8,\)"),
     (lambda: F.class_conditional_wasserstein(X, X, torch.zeros(8)), ValueError, "integer tensor"),
     (lambda: F.class_conditional_wasserstein(X, Y, torch.zeros(8, dtype=torch.long)), ValueError, "same number"),
-    (lambda: F.class_conditional_wasserstein(X, X, torch.zeros(8, dtype=torch.long), "sinkhorn"), ValueError,
+    (lambda: F.class_conditional_wasserstein(X, X, torch.zeros(8, dtype=torch.long), "energy"), ValueError,
      "metric must be one of"),
     (lambda: F.joint_wasserstein(X, Y, X[:, :3], Y[:5, :3]), ValueError, "one row per point"),
     (lambda: F.joint_wasserstein(X, Y, X[:, :3], Y[:, :3], beta=-1.0), ValueError, "beta"),
