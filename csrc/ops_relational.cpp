@@ -11,3 +11,13 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "-> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // SP's epilogue on the Gram matrices G = F F^T (b, b): sum over rows of |normalize(G_s,i) - normalize(G_t,i)|^2
+  // / b^2, rows L2-normalised with eps 1e-12. The backward returns dL/dG per side.
+  m.def("sp_gram(Tensor gram_s, Tensor gram_t) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "sp_gram_backward(Tensor grad, Tensor gram_s, Tensor gram_t, bool student_grad, bool teacher_grad) "
+      "-> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -27,3 +27,25 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("kdops::rkd_angle", _backward, setup_context=_setup)
+
+
+@torch.library.register_fake("kdops::sp_gram")
+def _sp_gram_fake(gram_s, gram_t):
+    return gram_s.new_empty(())
+
+
+@torch.library.register_fake("kdops::sp_gram_backward")
+def _sp_gram_backward_fake(grad, gram_s, gram_t, student_grad, teacher_grad):
+    return torch.empty_like(gram_s), torch.empty_like(gram_t)
+
+
+def _sp_backward(ctx, grad):
+    gs, gt = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad
+    if not (need_s or need_t):
+        return None, None
+    dgs, dgt = torch.ops.kdops.sp_gram_backward(grad, gs, gt, need_s, need_t)
+    return (dgs if need_s else None), (dgt if need_t else None)
+
+
+torch.library.register_autograd("kdops::sp_gram", _sp_backward, setup_context=_setup)

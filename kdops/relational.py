@@ -69,6 +69,24 @@ def _pair(name, student, teacher, gather_distributed):
     return s, t
 
 
+class _SymGram(torch.autograd.Function):
+    """x x^T whose backward is one GEMM, (dG + dG^T) x, instead of autograd's two (one per operand)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x @ x.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ x
+
+
+def _self_gram(x):
+    return _SymGram.apply(x) if x.requires_grad else x @ x.transpose(-1, -2)
+
+
 # ---- primitives ----
 
 def gram(x, kernel="linear"):
@@ -80,7 +98,7 @@ def gram(x, kernel="linear"):
     x = _acc(x)
     if kernel == "cosine":
         x = F.normalize(x, dim=-1, eps=_TINY)
-    return x @ x.transpose(-1, -2)
+    return _self_gram(x)
 
 
 def _sq_dists(g):
@@ -159,12 +177,12 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
     diag_s = (us * us).sum(1)
     diag_t = sum((u * u).sum(1) for u in uts) / m
     if b > max(u.shape[1] for u in [us] + uts):
-        full = (us.T @ us).pow(2).sum()
+        full = _self_gram(us.T).pow(2).sum()
         full = full - 2.0 / m * sum((us.T @ u).pow(2).sum() for u in uts)
         full = full + sum((a.T @ c).pow(2).sum() for a in uts for c in uts) / (m * m)
     else:
-        rho_t = sum(u @ u.T for u in uts) / m
-        full = (us @ us.T - rho_t).pow(2).sum()
+        rho_t = sum(_self_gram(u) for u in uts) / m
+        full = (_self_gram(us) - rho_t).pow(2).sum()
     loss = (full - (diag_s - diag_t).pow(2).sum()) / (b * (b - 1))
     if fr_weight:
         loss = loss + fr_weight * hs.norm(dim=1).pow(fr_power).mean()
@@ -173,12 +191,10 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
 
 def sp_loss(student, teacher, gather_distributed=False):
     """Similarity-preserving KD (Tung & Mori): |G~_s - G~_t|_F^2 / b^2 with G = F F^T row-L2-normalised
-    (eps 1e-12), F the flattened feature (b, C*H*W)."""
+    (eps 1e-12), F the flattened feature (b, C*H*W). The normalisation, difference and sum (and their
+    gradient) are one fused op over the Gram matrices."""
     s, t = _pair("sp_loss", student, teacher, gather_distributed)
-    b = s.shape[0]
-    gs = F.normalize(s @ s.T, dim=1, eps=_TINY)
-    gt = F.normalize(t @ t.T, dim=1, eps=_TINY)
-    return (gs - gt).pow(2).sum() / (b * b)
+    return torch.ops.kdops.sp_gram(_self_gram(s), _self_gram(t))
 
 
 def _normalized_distances(x):
@@ -201,7 +217,7 @@ def rkd_angle_loss(student, teacher, gather_distributed=False):
     over the Gram matrices: O(b^2) memory, O(b^3) scalar work. Points closer than the Gram identity can resolve
     (16 ulp of their squared norms, i.e. ~1e-3 relative distance in fp32) count as coincident."""
     s, t = _pair("rkd_angle_loss", student, teacher, gather_distributed)
-    return torch.ops.kdops.rkd_angle(s @ s.T, t @ t.T)
+    return torch.ops.kdops.rkd_angle(_self_gram(s), _self_gram(t))
 
 
 def rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0, gather_distributed=False):
@@ -217,7 +233,7 @@ def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
 
     def probs(x):
         xn = x / (x.norm(dim=1, keepdim=True) + eps)
-        p = (xn @ xn.T + 1) / 2
+        p = (_self_gram(xn) + 1) / 2
         return p / p.sum(1, keepdim=True)
 
     ps, pt = probs(s), probs(t)
@@ -236,7 +252,7 @@ def cc_loss(student, teacher, gamma=0.4, order=2, gather_distributed=False):
     b = s.shape[0]
 
     def corr(x):
-        g = x @ x.T
+        g = _self_gram(x)
         out = torch.zeros_like(g)
         term = torch.ones_like(g)
         for p in range(order + 1):

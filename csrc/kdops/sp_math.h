@@ -1,0 +1,24 @@
+// Math of the fused SP epilogue: per row of the Gram matrices, the L2-normalised rows (F.normalize, eps 1e-12)
+// and the gradient of a normalisation. Shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "kdops/common.h"
+
+namespace kdops {
+namespace sp {
+
+// 1 / max(|row|, 1e-12) from the squared norm
+template <typename T>
+KDOPS_HOST_DEVICE T inv_norm(T sq) {
+  const T n = ::sqrt(sq);
+  return T(1) / (n > T(1e-12) ? n : T(1e-12));
+}
+
+// d/dx of y = x / max(|x|, eps) applied to dy: (dy - y (y.dy)) / |x| when |x| > eps, else dy / eps
+template <typename T>
+KDOPS_HOST_DEVICE T normalize_grad(T dy, T y, T y_dot_dy, T inv_n, bool clamped) {
+  return clamped ? dy * inv_n : (dy - y * y_dot_dy) * inv_n;
+}
+
+}  // namespace sp
+}  // namespace kdops
