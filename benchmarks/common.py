@@ -61,7 +61,12 @@ _compiled = {}
 
 
 def compiled(fn):
-    """torch.compile(fn) (static shapes), one compiled object per reference function."""
+    """torch.compile(fn) (static shapes), one compiled object per reference function. Every shape / dtype / mode
+    of a benchmark file is a recompile; past dynamo's default limit (8) the rest would silently run eager while
+    reported as compiled, so the limit is raised."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 256)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
