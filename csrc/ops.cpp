@@ -29,6 +29,13 @@ TORCH_LIBRARY(kdops, m) {
       "partial_l2_backward(Tensor grad, Tensor student, Tensor teacher, Tensor margin, bool student_grad, "
       "bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The forward and the gradients of scale * sum in one pass over the maps: (per-sample sums, grad of the
+  // student or empty, grad of the teacher or empty). Used by the eager CPU autograd path, where a loss that
+  // is backpropagated with gradient 1 then needs no second pass.
+  m.def(
+      "partial_l2_with_grad(Tensor student, Tensor teacher, Tensor margin, float scale, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // LogSum of the projector recipe: (log(S + eps), S) with S = sum |a - b|^alpha (b optional), 0-dim,
   // in the accumulation dtype.

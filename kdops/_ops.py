@@ -100,6 +100,58 @@ def _partial_l2_backward(ctx, grad):
 torch.library.register_autograd("kdops::partial_l2", _partial_l2_backward, setup_context=_partial_l2_setup_context)
 
 
+@torch.library.register_fake("kdops::partial_l2_with_grad")
+def _partial_l2_with_grad_fake(student, teacher, margin, scale, student_grad, teacher_grad):
+    gs, gt = _partial_l2_backward_fake(None, student, teacher, margin, student_grad, teacher_grad)
+    return _partial_l2_fake(student, teacher, margin), gs, gt
+
+
+class PartialL2WithGrad(torch.autograd.Function):
+    """partial_l2 summed and divided by `divisor`, with the gradients computed in the same pass as the loss.
+
+    The eager CPU path of :func:`kdops.functional.partial_l2_loss` when a gradient is wanted: forward and
+    backward then read the maps once instead of twice. The gradients (for an incoming gradient of 1) are held
+    from the forward to the backward, which returns them as they are when the incoming gradient is 1 (the loss
+    backpropagated directly) and scales them in place otherwise. A second backward through a retained graph
+    recomputes them from the saved maps. torch.compile and functorch transforms use the op pair instead.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, margin, divisor):
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale = 1.0 / divisor if divisor else 1.0  # an empty map: no gradient to scale
+        per_sample, gs, gt = torch.ops.kdops.partial_l2_with_grad(student, teacher, margin, scale, need_s, need_t)
+        ctx.save_for_backward(student, teacher, margin)
+        ctx.divisor = divisor
+        ctx.pending = (gs, gt)
+        return per_sample.sum() / divisor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        pending, ctx.pending = ctx.pending, None
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if pending is None:
+            student, teacher, margin = ctx.saved_tensors
+            g = (grad / ctx.divisor).expand(student.shape[0])
+            gs, gt = torch.ops.kdops.partial_l2_backward(g, student, teacher, margin, need_s, need_t)
+        else:
+            gs, gt = pending
+            scale = grad.item()
+            if scale != 1.0:
+                for x, need in ((gs, need_s), (gt, need_t)):
+                    if need:
+                        x.mul_(scale)
+        return (gs if need_s else None), (gt if need_t else None), None, None
+
+
+def use_fused_gradient(x, *others):
+    """Whether an eager call may compute its gradients in the forward (see PartialL2WithGrad): CPU tensors,
+    grad mode on and some input requiring grad, and neither torch.compile nor a functorch transform tracing."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others))
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+
+
 @torch.library.register_fake("kdops::logsum")
 def _logsum_fake(a, b, alpha, eps):
     acc = _acc_dtype(a.dtype)

@@ -199,18 +199,20 @@ def partial_l2_loss(student, teacher, margin, reduction="sum"):
     margin: (C,), see :func:`kdops.overhaul.margins_from_batchnorm`. reduction: ``sum`` (the paper's; the
     training loop divides by b and 1000), ``batchmean`` (sum / b) or ``mean`` (sum / numel). The result is in
     fp32 for fp16 / bf16 maps (sums of squares overflow fp16), fp64 for fp64.
+
+    On CPU in eager mode, when a gradient is wanted, the gradients are computed in the forward's pass and held
+    until the backward (one map-sized buffer per input that requires grad); a loss backpropagated with
+    gradient 1 then costs one pass over the maps in all.
     """
     _check_feature_pair("partial_l2_loss", student, teacher)
     _check_margin("partial_l2_loss", margin, student)
     if reduction not in FEATURE_REDUCTIONS:
         raise ValueError("partial_l2_loss: reduction must be one of %s, got %r" % (FEATURE_REDUCTIONS, reduction))
-    per_sample = torch.ops.kdops.partial_l2(student, teacher, margin)
-    total = per_sample.sum()
-    if reduction == "batchmean":
-        return total / student.shape[0]
-    if reduction == "mean":
-        return total / student.numel()
-    return total
+    divisor = {"sum": 1, "batchmean": student.shape[0], "mean": student.numel()}[reduction]
+    if _ops.use_fused_gradient(student, teacher):
+        return _ops.PartialL2WithGrad.apply(student, teacher, margin, divisor)
+    total = torch.ops.kdops.partial_l2(student, teacher, margin).sum()
+    return total if reduction == "sum" else total / divisor
 
 
 def hint_loss(student_regressed, teacher):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
+from kdops import _ops as kdops_ops
 from kdops import functional as F
 from kdops import reference as R
 
@@ -82,6 +83,90 @@ def test_gradcheck_float64_away_from_the_mask_boundary():
     s, t = s.requires_grad_(), t.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: F.partial_l2_loss(a, b, m), (s, t))
     assert torch.autograd.gradcheck(lambda b: F.margin_relu(b, m), (t,))
+
+
+def op_pair_loss(s, t, m, reduction="sum"):
+    """partial_l2_loss through the op pair (kdops::partial_l2 + its registered backward), as under compile."""
+    total = torch.ops.kdops.partial_l2(s, t, m).sum()
+    return total / {"sum": 1, "batchmean": s.shape[0], "mean": s.numel()}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "mean"])
+@pytest.mark.parametrize("grad_out", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_fused_gradient_path_matches_the_op_pair_and_reference(reduction, grad_out, teacher_grad):
+    """On CPU a gradient-requiring call takes the one-pass path (gradients made in the forward); it must give
+    the op pair's and the reference's gradients for any incoming gradient, to student and teacher."""
+    s, t, m = maps((3, 5, 4, 6), "cpu")
+    s = s.requires_grad_()
+    t = t.requires_grad_(teacher_grad)
+    assert kdops_ops.use_fused_gradient(s, t)
+    out = F.partial_l2_loss(s, t, m, reduction=reduction)
+    assert out.grad_fn.name() == "PartialL2WithGradBackward"
+    wrt = (s, t) if teacher_grad else (s,)
+    ours = torch.autograd.grad(out * grad_out, wrt)
+    pair = torch.autograd.grad(op_pair_loss(s, t, m, reduction) * grad_out, wrt)
+    s64 = s.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_(teacher_grad)
+    ref_out = R.partial_l2_loss(s64, t64, m.double(), reduction=reduction)
+    ref = torch.autograd.grad(ref_out * grad_out, (s64, t64) if teacher_grad else (s64,))
+    torch.testing.assert_close(out.double(), ref_out.detach(), rtol=1e-5, atol=1e-6)
+    for a, b, r in zip(ours, pair, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gradient_path_backward_accumulates_and_survives_retained_graphs():
+    """.backward() accumulates; a second backward through a retained graph recomputes the gradient and does not
+    touch what the first one returned."""
+    s, t, m = maps((4, 3, 5, 5), "cpu")
+    s = s.requires_grad_()
+    expected = torch.autograd.grad(op_pair_loss(s, t, m, "batchmean"), s)[0]
+    loss = F.partial_l2_loss(s, t, m, reduction="batchmean")
+    first = torch.autograd.grad(loss, s, retain_graph=True)[0]
+    torch.testing.assert_close(first, expected)
+    second = torch.autograd.grad(loss * 0.25, s, retain_graph=True)[0]
+    torch.testing.assert_close(first, expected)  # unchanged by the second call
+    torch.testing.assert_close(second, expected * 0.25)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * expected)
+
+
+def test_fused_gradient_path_is_not_taken_without_grad_or_under_compile():
+    s, t, m = maps((2, 3, 4, 4), "cpu")
+    assert not kdops_ops.use_fused_gradient(s, t)
+    s.requires_grad_()
+    with torch.no_grad():
+        assert not kdops_ops.use_fused_gradient(s, t)
+        assert F.partial_l2_loss(s, t, m).grad_fn is None
+    seen = []
+
+    def probe(a, b):
+        seen.append(kdops_ops.use_fused_gradient(a, b))
+        return F.partial_l2_loss(a, b, m)
+
+    compiled = torch.compile(probe, fullgraph=True, backend="eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(s, t), s)[0], torch.autograd.grad(probe(s, t), s)[0])
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_with_grad_op_matches_the_op_pair(device, dtype):
+    """kdops::partial_l2_with_grad: the forward's sums and, from the same pass, the backward op's gradients."""
+    s, t, m = maps((3, 4, 5, 7), device, dtype)
+    scale = 0.3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for ws, wt in ((True, True), (True, False), (False, True), (False, False)):
+        sums, gs, gt = torch.ops.kdops.partial_l2_with_grad(s, t, m, scale, ws, wt)
+        torch.testing.assert_close(sums, torch.ops.kdops.partial_l2(s, t, m), rtol=0, atol=0)
+        grad = torch.full((3,), scale, device=device, dtype=acc)
+        es, et = torch.ops.kdops.partial_l2_backward(grad, s, t, m, ws, wt)
+        torch.testing.assert_close(gs, es, rtol=0, atol=0)
+        torch.testing.assert_close(gt, et, rtol=0, atol=0)
+        assert gs.shape == (s.shape if ws else (0,)) and gt.shape == (t.shape if wt else (0,))
+    torch.library.opcheck(torch.ops.kdops.partial_l2_with_grad.default, (s, t, m, scale, True, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu/cpu_utils.h"
 #include "kdops/feature_host.h"
@@ -26,20 +27,34 @@ int64_t plane_grain(int64_t hw) {
 
 // Planes [p0, p1) in one call: the loops convert 16-bit inputs in registers and each plane's margin is a
 // scalar, so small planes (8x8) cost no per-plane call or conversion pass (they did: 20-30% of the time).
-// Planes are summed in chunks of kChunk elements so fp32 partial sums stay short.
-template <typename scalar_t, typename acc_t>
+// Planes are summed in chunks of kChunk elements so fp32 partial sums stay short. With WS / WT the same
+// loop writes the gradients of scale * sum (partial_l2_with_grad).
+template <typename scalar_t, typename acc_t, bool WS, bool WT>
 KDOPS_CPU_CLONES void planes_partial_l2(const scalar_t* s, const scalar_t* t, const acc_t* m, int64_t C,
-                                        int64_t hw, int64_t p0, int64_t p1, acc_t* out) {
+                                        int64_t hw, int64_t p0, int64_t p1, acc_t scale, acc_t* out, scalar_t* gs,
+                                        scalar_t* gt) {
   for (int64_t p = p0; p < p1; ++p) {
     const scalar_t* sp = s + p * hw;
     const scalar_t* tp = t + p * hw;
+    scalar_t* gsp = WS ? gs + p * hw : nullptr;
+    scalar_t* gtp = WT ? gt + p * hw : nullptr;
     const acc_t mp = m[p % C];
     acc_t total = 0;
     for (int64_t c0 = 0; c0 < hw; c0 += kChunk) {
       const int64_t c1 = std::min(hw, c0 + kChunk);
       acc_t sum = 0;
+      if constexpr (WS || WT) {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = c0; i < c1; ++i) sum += feature::partial_l2_term<acc_t>(to_acc(sp[i]), to_acc(tp[i]), mp);
+        for (int64_t i = c0; i < c1; ++i) {
+          acc_t a, b;
+          sum += feature::partial_l2_term_grad<acc_t>(to_acc(sp[i]), to_acc(tp[i]), mp, scale, a, b);
+          if (WS) gsp[i] = from_acc<scalar_t>(a);
+          if (WT) gtp[i] = from_acc<scalar_t>(b);
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = c0; i < c1; ++i) sum += feature::partial_l2_term<acc_t>(to_acc(sp[i]), to_acc(tp[i]), mp);
+      }
       total += sum;
     }
     out[p] = total;
@@ -63,23 +78,48 @@ KDOPS_CPU_CLONES void planes_partial_l2_grad(const scalar_t* s, const scalar_t* 
   }
 }
 
-at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
-  const feature::MapCall c = feature::prepare_maps("kdops.partial_l2", student, teacher, margin);
-  const at::Tensor &s = c.s, &t = c.t, &m = c.m;
+// Per-sample sums, and with student_grad / teacher_grad the gradients of scale * sum in the same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_impl(const char* op, const at::Tensor& student,
+                                                               const at::Tensor& teacher, const at::Tensor& margin,
+                                                               double scale, bool student_grad, bool teacher_grad) {
+  const feature::MapGradCall c =
+      feature::prepare_maps_with_grad(op, student, teacher, margin, student_grad, teacher_grad);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m, &gs = c.gs, &gt = c.gt;
   const int64_t C = c.C, planes = c.planes, hw = c.hw;
   at::Tensor plane_sums = at::empty({c.B, C}, m.options());
-  if (planes == 0) return plane_sums.sum(1);
+  if (planes == 0) return {plane_sums.sum(1), gs, gt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     const acc_t* mp = m.const_data_ptr<acc_t>();
     acc_t* out = plane_sums.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-      planes_partial_l2<scalar_t, acc_t>(sp, tp, mp, C, hw, p0, p1, out);
-    });
+    scalar_t* gsp = student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto ws, auto wt) {
+      constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
+      at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+        planes_partial_l2<scalar_t, acc_t, WS, WT>(sp, tp, mp, C, hw, p0, p1, acc_t(scale), out, gsp, gtp);
+      });
+    };
+    if (student_grad || teacher_grad) {
+      dispatch_grad_flags(student_grad, teacher_grad, run);
+    } else {
+      run(std::false_type{}, std::false_type{});
+    }
   });
-  return plane_sums.sum(1);
+  return {plane_sums.sum(1), gs, gt};
+}
+
+at::Tensor partial_l2_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
+  return std::get<0>(partial_l2_impl("kdops.partial_l2", student, teacher, margin, 1.0, false, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_with_grad_cpu(const at::Tensor& student,
+                                                                        const at::Tensor& teacher,
+                                                                        const at::Tensor& margin, double scale,
+                                                                        bool student_grad, bool teacher_grad) {
+  return partial_l2_impl("kdops.partial_l2_with_grad", student, teacher, margin, scale, student_grad, teacher_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
@@ -157,6 +197,7 @@ at::Tensor margin_relu_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("partial_l2", &kdops::cpu::partial_l2_cpu);
   m.impl("partial_l2_backward", &kdops::cpu::partial_l2_backward_cpu);
+  m.impl("partial_l2_with_grad", &kdops::cpu::partial_l2_with_grad_cpu);
   m.impl("margin_relu", &kdops::cpu::margin_relu_cpu);
   m.impl("margin_relu_backward", &kdops::cpu::margin_relu_backward_cpu);
 }

@@ -11,6 +11,9 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include <tuple>
+#include <type_traits>
+
 #include "kdops/feature_host.h"
 #include "kdops/feature_math.h"
 #include "kdops/host_common.h"
@@ -27,23 +30,34 @@ unsigned elementwise_blocks(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
-template <typename scalar_t>
+// With WS / WT the same pass also writes the gradients of scale * sum (partial_l2_with_grad).
+template <typename scalar_t, bool WS, bool WT>
 __global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(const scalar_t* __restrict__ s,
                                                                       const scalar_t* __restrict__ t,
                                                                       const at::opmath_type<scalar_t>* __restrict__ m,
                                                                       int64_t per_sample, int64_t hw, int64_t C,
-                                                                      at::opmath_type<scalar_t>* __restrict__ partials) {
+                                                                      at::opmath_type<scalar_t> scale,
+                                                                      at::opmath_type<scalar_t>* __restrict__ partials,
+                                                                      scalar_t* __restrict__ gs,
+                                                                      scalar_t* __restrict__ gt) {
   using acc_t = at::opmath_type<scalar_t>;
   using Reduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const int64_t b = blockIdx.y;
   const int64_t begin = int64_t(blockIdx.x) * kChunk;
   const int64_t end = std::min(per_sample, begin + kChunk);
-  const scalar_t* sb = s + b * per_sample;
-  const scalar_t* tb = t + b * per_sample;
+  const int64_t base = b * per_sample;
   acc_t sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    sum += feature::partial_l2_term(acc_t(sb[i]), acc_t(tb[i]), m[(i / hw) % C]);
+    const acc_t si = acc_t(s[base + i]), ti = acc_t(t[base + i]), mi = m[(i / hw) % C];
+    if (WS || WT) {
+      acc_t a, g;
+      sum += feature::partial_l2_term_grad(si, ti, mi, scale, a, g);
+      if (WS) gs[base + i] = static_cast<scalar_t>(a);
+      if (WT) gt[base + i] = static_cast<scalar_t>(g);
+    } else {
+      sum += feature::partial_l2_term(si, ti, mi);
+    }
   }
   sum = Reduce(tmp).Sum(sum);
   if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
@@ -80,25 +94,48 @@ __global__ void __launch_bounds__(kThreads) margin_relu_kernel(const scalar_t* _
   }
 }
 
-at::Tensor partial_l2_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_impl(const char* op, const at::Tensor& student,
+                                                               const at::Tensor& teacher, const at::Tensor& margin,
+                                                               double scale, bool student_grad, bool teacher_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
-  const feature::MapCall c = feature::prepare_maps("kdops.partial_l2", student, teacher, margin);
-  const at::Tensor &s = c.s, &t = c.t, &m = c.m;
+  const feature::MapGradCall c =
+      feature::prepare_maps_with_grad(op, student, teacher, margin, student_grad, teacher_grad);
+  const at::Tensor &s = c.s, &t = c.t, &m = c.m, &gs = c.gs, &gt = c.gt;
   const int64_t C = c.C, B = c.B, hw = c.hw, per_sample = C * hw;
   const int64_t chunks = std::max<int64_t>(1, (per_sample + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({B, chunks}, m.options());
-  if (B == 0 || per_sample == 0) return partials.zero_().sum(1);
-  TORCH_CHECK(B <= 65535 && chunks <= std::numeric_limits<int32_t>::max(), "kdops.partial_l2: too large a map: ",
-              s.sizes());
+  if (B == 0 || per_sample == 0) return {partials.zero_().sum(1), gs, gt};
+  TORCH_CHECK(B <= 65535 && chunks <= std::numeric_limits<int32_t>::max(), op, ": too large a map: ", s.sizes());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    partial_l2_forward_kernel<scalar_t><<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(
-        s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(), per_sample, hw, C,
-        partials.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto ws, auto wt) {
+      partial_l2_forward_kernel<scalar_t, decltype(ws)::value, decltype(wt)::value>
+          <<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(
+              s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(), per_sample, hw,
+              C, acc_t(scale), partials.mutable_data_ptr<acc_t>(),
+              student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr,
+              teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (student_grad || teacher_grad) {
+      dispatch_grad_flags(student_grad, teacher_grad, launch);
+    } else {
+      launch(std::false_type{}, std::false_type{});
+    }
   });
-  return partials.sum(1);
+  return {partials.sum(1), gs, gt};
+}
+
+at::Tensor partial_l2_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& margin) {
+  return std::get<0>(partial_l2_impl("kdops.partial_l2", student, teacher, margin, 1.0, false, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_with_grad_cuda(const at::Tensor& student,
+                                                                         const at::Tensor& teacher,
+                                                                         const at::Tensor& margin, double scale,
+                                                                         bool student_grad, bool teacher_grad) {
+  return partial_l2_impl("kdops.partial_l2_with_grad", student, teacher, margin, scale, student_grad, teacher_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cuda(const at::Tensor& grad, const at::Tensor& student,
@@ -160,6 +197,7 @@ at::Tensor margin_relu_backward_cuda(const at::Tensor& grad, const at::Tensor& x
 TORCH_LIBRARY_IMPL(kdops, CUDA, m) {
   m.impl("partial_l2", &kdops::cuda::partial_l2_cuda);
   m.impl("partial_l2_backward", &kdops::cuda::partial_l2_backward_cuda);
+  m.impl("partial_l2_with_grad", &kdops::cuda::partial_l2_with_grad_cuda);
   m.impl("margin_relu", &kdops::cuda::margin_relu_cuda);
   m.impl("margin_relu_backward", &kdops::cuda::margin_relu_backward_cuda);
 }

@@ -69,6 +69,21 @@ struct MapGradCall : MapCall {
   at::Tensor g, gs, gt;
 };
 
+// The gradient buffers of one call: (b, C, *spatial) where wanted, else empty.
+inline void allocate_map_grads(MapGradCall& c, bool student_grad, bool teacher_grad) {
+  c.gs = student_grad ? at::empty(c.s.sizes(), c.s.options()) : at::empty({0}, c.s.options());
+  c.gt = teacher_grad ? at::empty(c.t.sizes(), c.t.options()) : at::empty({0}, c.t.options());
+}
+
+// partial_l2_with_grad: the forward's checked inputs plus the gradient buffers it fills.
+inline MapGradCall prepare_maps_with_grad(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& margin, bool student_grad, bool teacher_grad) {
+  MapGradCall c;
+  static_cast<MapCall&>(c) = prepare_maps(op, student, teacher, margin);
+  allocate_map_grads(c, student_grad, teacher_grad);
+  return c;
+}
+
 inline MapGradCall prepare_maps_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                          const at::Tensor& margin, bool student_grad, bool teacher_grad) {
   MapGradCall c;
@@ -76,8 +91,7 @@ inline MapGradCall prepare_maps_backward(const at::Tensor& grad, const at::Tenso
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
               student.size(0), ",), got ", grad.sizes());
   c.g = grad.to(c.m.scalar_type()).contiguous();
-  c.gs = student_grad ? at::empty(c.s.sizes(), c.s.options()) : at::empty({0}, c.s.options());
-  c.gt = teacher_grad ? at::empty(c.t.sizes(), c.t.options()) : at::empty({0}, c.t.options());
+  allocate_map_grads(c, student_grad, teacher_grad);
   return c;
 }
 

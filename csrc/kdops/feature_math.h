@@ -28,14 +28,21 @@ KDOPS_HOST_DEVICE acc_t partial_l2_term(acc_t s, acc_t t, acc_t m) {
   return partial_l2_keep(s, th) ? d * d : acc_t(0);
 }
 
-// Gradients of g * term w.r.t. s and t (t^ = max(t, m) passes gradient only where t > m).
+// The term and, in the same evaluation, the gradients of g * term w.r.t. s and t (t^ = max(t, m) passes
+// gradient only where t > m).
 template <typename acc_t>
-KDOPS_HOST_DEVICE void partial_l2_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
+KDOPS_HOST_DEVICE acc_t partial_l2_term_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
   const acc_t th = margin_relu(t, m);
   const acc_t d = s - th;
   const bool keep = partial_l2_keep(s, th);
   gs = keep ? acc_t(2) * d * g : acc_t(0);
   gt = (keep && t > m) ? -gs : acc_t(0);
+  return keep ? d * d : acc_t(0);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE void partial_l2_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
+  (void)partial_l2_term_grad(s, t, m, g, gs, gt);
 }
 
 // |x|^alpha, exact for the integer powers the recipe uses, pow otherwise (alpha > 0).
