@@ -20,8 +20,8 @@ from kdops import functional as F
 from kdops import reference as R
 
 BATCH = ["rkd_angle", "rkd_distance", "sp", "fkd", "pkt", "cc"]
-# (b, d): a small, the typical and a large batch at d = 512, and two widths at b = 256
-SIZES = [(16, 8)] if QUICK else [(64, 512), (256, 128), (256, 512), (256, 2048), (512, 512)]
+# (b, d): b = 64, 128, 256, 512 at d = 512, and d = 128, 2048 at b = 256
+SIZES = [(16, 8)] if QUICK else [(64, 512), (128, 512), (256, 128), (256, 512), (256, 2048), (512, 512)]
 EAGER_MAX_B = {"rkd_angle": 16 if QUICK else 256}
 MAPS = {"nst": [(4, 8, 2, 2)] if QUICK else [(64, 256, 8, 8), (32, 128, 16, 16)],
         "fsp": [(4, 8, 2, 2)] if QUICK else [(64, 256, 8, 8), (32, 128, 16, 16)],

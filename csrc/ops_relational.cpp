@@ -21,3 +21,14 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "-> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // PKT's epilogue on the raw Gram matrices G = X X^T (b, b): the rows' cosines G_ij c_i c_j with
+  // c_i = 1 / (sqrt(G_ii) + eps), P = ((S + 1) / 2) / rowsum, and the mean over b^2 entries of
+  // P_t log((P_t + eps) / (P_s + eps)). The backward returns dL/dG per side, the row norms' term included.
+  m.def("pkt_gram(Tensor gram_s, Tensor gram_t, float eps) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "pkt_gram_backward(Tensor grad, Tensor gram_s, Tensor gram_t, float eps, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

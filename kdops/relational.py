@@ -228,16 +228,12 @@ def rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0, gather_d
 
 def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
     """Probabilistic knowledge transfer (Passalis & Tefas): x^ = x / (|x| + eps), S = x^ x^^T, P = ((S + 1) / 2)
-    / rowsum, L = mean over all b^2 entries of P_t log((P_t + eps) / (P_s + eps))."""
+    / rowsum, L = mean over all b^2 entries of P_t log((P_t + eps) / (P_s + eps)). One fused op over the raw
+    Gram matrices X X^T (the row norms are their diagonal), so no normalised copy of the features is made."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= eps < math.inf):
+        raise ValueError("pkt_loss: eps must be a finite number >= 0, got %r" % (eps,))
     s, t = _pair("pkt_loss", student, teacher, gather_distributed)
-
-    def probs(x):
-        xn = x / (x.norm(dim=1, keepdim=True) + eps)
-        p = (_self_gram(xn) + 1) / 2
-        return p / p.sum(1, keepdim=True)
-
-    ps, pt = probs(s), probs(t)
-    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+    return torch.ops.kdops.pkt_gram(_self_gram(s), _self_gram(t), float(eps))
 
 
 def cc_loss(student, teacher, gamma=0.4, order=2, gather_distributed=False):

@@ -192,12 +192,35 @@ def test_gradcheck_float64():
     gt = t @ t.T
     assert torch.autograd.gradcheck(torch.ops.kdops.rkd_angle, (gs.detach().requires_grad_(),
                                                                  gt.detach().requires_grad_()))
+    # PKT's op takes the raw Gram matrices: every entry, the diagonal (the row norms) included, is an input
+    for eps in (1e-7, 0.3):
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.kdops.pkt_gram(a, b, eps),
+                                        (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pkt_zero_rows_and_eps_match_reference(device):
+    """A zero row has norm 0: the reference's x / (|x| + eps) gives it gradient 1/eps times the normalised
+    side's, and the norm's subgradient 0; the fused op over the Gram matrices must give the same."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(9, 5, generator=g, dtype=torch.float64).to(device)
+    t = torch.randn(9, 7, generator=g, dtype=torch.float64).to(device)
+    s[2] = 0.0
+    t[6] = 0.0
+    assert_parity("pkt_loss", s, t, rtol=1e-7, atol=1e-9)
+    assert_parity("pkt_loss", s, t, eps=0.05)
 
 
 def test_opcheck_and_compile():
     s, t = torch.randn(7, 5), torch.randn(7, 3)
     torch.library.opcheck(torch.ops.kdops.rkd_angle, (s @ s.T, t @ t.T))
     torch.library.opcheck(torch.ops.kdops.rkd_angle_backward, (torch.tensor(1.3), s @ s.T, t @ t.T, True, True))
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,))):
+        gs, gt = (s @ s.T).requires_grad_(), (t @ t.T).requires_grad_()
+        torch.library.opcheck(getattr(torch.ops.kdops, name), (gs, gt, *args))
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,))):
+        backward_op = getattr(torch.ops.kdops, name + "_backward")
+        torch.library.opcheck(backward_op, (torch.tensor(0.6), s @ s.T, t @ t.T, *args, True, False))
     for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss"):
         fn = getattr(F, name)
         torch.testing.assert_close(torch.compile(fn, fullgraph=True)(s, t), fn(s, t), rtol=1e-5, atol=1e-7)
@@ -233,6 +256,9 @@ def test_modules_match_functionals():
                         [(torch.randn(2, 4, 4, 4), torch.randn(2, 5, 4, 4))]), "channels must match"),
     (lambda: F.fsp_matrix(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)), "spatial size"),
     (lambda: F.pkt_loss(torch.randint(0, 3, (4, 3)), torch.randn(4, 3)), "floating-point"),
+    (lambda: F.pkt_loss(torch.randn(4, 3), torch.randn(4, 3), eps=-1e-7), "eps"),
+    (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(3), -1.0), "eps must be finite and >= 0"),
+    (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(4), 1e-7), "must both be"),
     (lambda: F.gram(torch.randn(3), kernel="linear"), "dims"),
     (lambda: torch.ops.kdops.rkd_angle(torch.randn(3, 3), torch.randn(3, 4)), "must both be"),
 ])

@@ -13,7 +13,7 @@
 
 #include "cpu/cpu_utils.h"
 #include "kdops/host_common.h"
-#include "kdops/sp_host.h"
+#include "kdops/gram_host.h"
 #include "kdops/sp_math.h"
 
 namespace kdops {
@@ -60,6 +60,8 @@ KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t k, T is, T it, b
 }
 
 struct CpuDev {
+  static constexpr double kGradFactor = 2.0;  // d|d|^2 = 2 d
+
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt) {
     const int64_t b = gs.size(0), k = gs.size(1);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -105,12 +107,12 @@ struct CpuDev {
 };
 
 at::Tensor sp_gram_cpu(const at::Tensor& gs, const at::Tensor& gt) {
-  return sp::gram_forward<CpuDev>(gs, gt);
+  return gram::forward<CpuDev>("kdops.sp_gram", gs, gt);
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_gram_backward_cpu(const at::Tensor& grad, const at::Tensor& gs,
                                                         const at::Tensor& gt, bool need_s, bool need_t) {
-  return sp::gram_backward<CpuDev>(grad, gs, gt, need_s, need_t);
+  return gram::backward<CpuDev>("kdops.sp_gram_backward", grad, gs, gt, need_s, need_t);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@
 
 #include <tuple>
 
-#include "kdops/sp_host.h"
+#include "kdops/gram_host.h"
 #include "kdops/sp_math.h"
 
 namespace kdops {
@@ -70,6 +70,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 struct CudaDev {
+  static constexpr double kGradFactor = 2.0;  // d|d|^2 = 2 d
+
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt) {
     const int64_t b = gs.size(0), k = gs.size(1);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -96,13 +98,13 @@ struct CudaDev {
 
 at::Tensor sp_gram_cuda(const at::Tensor& gs, const at::Tensor& gt) {
   const c10::cuda::CUDAGuard guard(gs.device());
-  return sp::gram_forward<CudaDev>(gs, gt);
+  return gram::forward<CudaDev>("kdops.sp_gram", gs, gt);
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_gram_backward_cuda(const at::Tensor& grad, const at::Tensor& gs,
                                                          const at::Tensor& gt, bool need_s, bool need_t) {
   const c10::cuda::CUDAGuard guard(gs.device());
-  return sp::gram_backward<CudaDev>(grad, gs, gt, need_s, need_t);
+  return gram::backward<CudaDev>("kdops.sp_gram_backward", grad, gs, gt, need_s, need_t);
 }
 
 }  // namespace

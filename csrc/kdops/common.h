@@ -97,6 +97,46 @@ KDOPS_HOST_DEVICE double log1p_unit_(double u) {
   return ::log1p(u);
 }
 
+// log x for float. On the device the CUDA library logf. On the host x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log x = e ln 2 + log m with Cephes' logf polynomial (~1e-7 relative), branch-free so that it vectorises;
+// subnormals are scaled up first; 0 gives -inf, inf gives inf, negative numbers and NaN give NaN.
+KDOPS_HOST_DEVICE float log_pos_(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  const bool sub = x < 1.17549435e-38f;
+  const float xs = sub ? x * 8388608.0f : x;  // 2^23
+  uint32_t bits;
+  std::memcpy(&bits, &xs, sizeof(bits));
+  float e = float(int32_t(bits >> 23) - 127) - (sub ? 23.0f : 0.0f);
+  const uint32_t mbits = (bits & 0x007fffffu) | 0x3f800000u;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool hi = m > 1.41421356f;
+  m = hi ? m * 0.5f : m;
+  e = hi ? e + 1.0f : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 0.5f * z + e * -2.12194440e-4f;
+  const float r = f + y + e * 0.693359375f;
+  const float inf = std::numeric_limits<float>::infinity();
+  return x > 0.0f ? (x < inf ? r : inf) : (x == 0.0f ? -inf : std::numeric_limits<float>::quiet_NaN());
+#endif
+}
+
+KDOPS_HOST_DEVICE double log_pos_(double x) {
+  return ::log(x);
+}
+
 // log(exp(a) + exp(b)) without overflow; either argument may be -inf. Branch-free so that it vectorises.
 template <typename T>
 KDOPS_HOST_DEVICE T logaddexp_(T a, T b) {

@@ -1,0 +1,61 @@
+// Host side of the fused epilogues over a pair of (b, b) Gram matrices (SP, PKT), shared by the CPU and CUDA
+// entry points: checks, the 1 / b^2 mean, and the incoming gradient applied with ATen (no host sync).
+// `Dev` supplies the row passes, with any extra scalar arguments passed through:
+//   Dev::forward(gs, gt, args...) -> 0-dim sum of the per-row terms;
+//   Dev::backward(gs, gt, cf, need_s, need_t, dgs, dgt, args...): the gradients of cf times that sum,
+//   with cf = Dev::kGradFactor / b^2.
+#pragma once
+
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+#include <tuple>
+
+namespace kdops {
+namespace gram {
+
+inline void check_grams(const char* op, const at::Tensor& gs, const at::Tensor& gt) {
+  TORCH_CHECK(gs.dim() == 2 && gs.size(0) == gs.size(1) && gt.sizes() == gs.sizes(), op,
+              ": student and teacher Gram matrices must both be (b, b), got ", gs.sizes(), " and ", gt.sizes());
+  TORCH_CHECK(gs.scalar_type() == gt.scalar_type() &&
+                  (gs.scalar_type() == at::kFloat || gs.scalar_type() == at::kDouble),
+              op, ": Gram matrices must be float32 or float64 and of one dtype");
+  TORCH_CHECK(gs.device() == gt.device(), op, ": Gram matrices must be on one device");
+}
+
+inline void check_nonnegative(const char* op, const char* name, double v) {
+  TORCH_CHECK(v >= 0.0 && v < std::numeric_limits<double>::infinity(), op, ": ", name,
+              " must be finite and >= 0, got ", v);
+}
+
+template <class Dev, class... Args>
+at::Tensor forward(const char* op, const at::Tensor& gs_in, const at::Tensor& gt_in, Args... args) {
+  check_grams(op, gs_in, gt_in);
+  const int64_t b = gs_in.size(0);
+  if (b == 0) return at::zeros({}, gs_in.options());
+  return Dev::forward(gs_in.contiguous(), gt_in.contiguous(), args...) / (double(b) * double(b));
+}
+
+template <class Dev, class... Args>
+std::tuple<at::Tensor, at::Tensor> backward(const char* op, const at::Tensor& grad, const at::Tensor& gs_in,
+                                            const at::Tensor& gt_in, bool need_s, bool need_t, Args... args) {
+  check_grams(op, gs_in, gt_in);
+  const at::Tensor gs = gs_in.contiguous(), gt = gt_in.contiguous();
+  const int64_t b = gs.size(0);
+  at::Tensor dgs = need_s ? at::empty_like(gs) : at::zeros_like(gs);
+  at::Tensor dgt = need_t ? at::empty_like(gt) : at::zeros_like(gt);
+  if (b == 0 || !(need_s || need_t)) return {dgs, dgt};
+  Dev::backward(gs, gt, Dev::kGradFactor / (double(b) * double(b)), need_s, need_t, dgs, dgt, args...);
+  const at::Tensor g = grad.to(gs.scalar_type());
+  if (need_s) dgs.mul_(g);
+  if (need_t) dgt.mul_(g);
+  return {dgs, dgt};
+}
+
+}  // namespace gram
+}  // namespace kdops
