@@ -32,3 +32,16 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // FKD's epilogue on the student's raw Gram matrix G = H H^T and the teacher kernel K (b, b): the student
+  // kernel (correlation: G_ij c_i c_j, c_i = 1 / max(sqrt(G_ii), 1e-12); else G), the mean over i != j of
+  // (rho_ij - K_ij)^2 and fr_weight * mean_i |h_i|^fr_power from the diagonal. The backward returns dL/dG and
+  // dL/dK.
+  m.def("fkd_gram(Tensor gram_s, Tensor kernel_t, bool cosine, float fr_weight, int fr_power) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "fkd_gram_backward(Tensor grad, Tensor gram_s, Tensor kernel_t, bool cosine, float fr_weight, int fr_power, "
+      "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

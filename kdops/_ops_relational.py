@@ -1,4 +1,4 @@
-"""Fake kernels and autograd of the relational ops over Gram matrices (rkd_angle, sp_gram, pkt_gram): each
+"""Fake kernels and autograd of the relational ops over Gram matrices (rkd_angle, sp_gram, pkt_gram, fkd_gram): each
 takes the student's and the teacher's (b, b) Gram matrix (plus, for some, scalar arguments), returns a 0-dim
 loss, and has a backward op returning dL/dG for both sides."""
 
@@ -32,5 +32,5 @@ def _register(name):
     torch.library.register_autograd("kdops::" + name, backward, setup_context=setup)
 
 
-for _name in ("rkd_angle", "sp_gram", "pkt_gram"):
+for _name in ("rkd_angle", "sp_gram", "pkt_gram", "fkd_gram"):
     _register(_name)

@@ -152,7 +152,8 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
     ``teacher_feats`` is a tensor or a list of tensors (an ensemble: rho_t is the mean of the teachers' kernels);
     widths may differ from the student's and from each other, so teachers from another dataset work as long as
     the batch is the same. When b exceeds every width the d x d identity
-    |A A^T - B B^T|^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2 is used (O(b d^2)), else the b x b kernels."""
+    |A A^T - B B^T|^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2 is used (O(b d^2)), else one fused op over the
+    student's b x b Gram matrix and the teacher kernel."""
     name = "fkd_loss"
     if kernel not in ("correlation", "linear"):
         raise ValueError("%s: kernel must be 'correlation' or 'linear', got %r" % (name, kernel))
@@ -173,16 +174,19 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
     if gather_distributed:
         hs, hts = _gather(hs), [_gather(h) for h in hts]
     b, m = hs.shape[0], len(hts)
-    us, uts = _unit(hs, kernel), [_unit(h, kernel) for h in hts]
+    uts = [_unit(h, kernel) for h in hts]
+    if b <= max(u.shape[1] for u in [hs] + uts):
+        # one fused op over the student's raw Gram matrix: its normalisation, the difference with the teacher
+        # kernel off the diagonal and the feature regularisation, no b x b temporaries
+        k_t = _self_gram(uts[0]) if m == 1 else sum(_self_gram(u) for u in uts) / m
+        return torch.ops.kdops.fkd_gram(_self_gram(hs), k_t, kernel == "correlation", float(fr_weight),
+                                        int(fr_power))
+    us = _unit(hs, kernel)
     diag_s = (us * us).sum(1)
     diag_t = sum((u * u).sum(1) for u in uts) / m
-    if b > max(u.shape[1] for u in [us] + uts):
-        full = _self_gram(us.T).pow(2).sum()
-        full = full - 2.0 / m * sum((us.T @ u).pow(2).sum() for u in uts)
-        full = full + sum((a.T @ c).pow(2).sum() for a in uts for c in uts) / (m * m)
-    else:
-        rho_t = sum(_self_gram(u) for u in uts) / m
-        full = (_self_gram(us) - rho_t).pow(2).sum()
+    full = _self_gram(us.T).pow(2).sum()
+    full = full - 2.0 / m * sum((us.T @ u).pow(2).sum() for u in uts)
+    full = full + sum((a.T @ c).pow(2).sum() for a in uts for c in uts) / (m * m)
     loss = (full - (diag_s - diag_t).pow(2).sum()) / (b * (b - 1))
     if fr_weight:
         loss = loss + fr_weight * hs.norm(dim=1).pow(fr_power).mean()

@@ -83,6 +83,26 @@ def test_fkd_ensemble_kernels_and_identity(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ["correlation", "linear"])
+@pytest.mark.parametrize("fr_power", [1, 2])
+def test_fkd_fused_gram_matches_reference_with_regularisation_and_ensembles(device, kernel, fr_power):
+    """b <= the widths: the fused op over the student's Gram matrix, its normalisation and the feature
+    regularisation from the diagonal; gradients to student and teachers, a zero row included."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(12, 20, generator=g, dtype=torch.float64).to(device)
+    t = torch.randn(12, 16, generator=g, dtype=torch.float64).to(device)
+    s[3] = 0.0
+    assert_parity("fkd_loss", s, t, kernel=kernel, fr_weight=0.3, fr_power=fr_power)
+    teachers = [t.clone().requires_grad_(), torch.randn(12, 25, generator=g, dtype=torch.float64).to(device)]
+    a = s.clone().requires_grad_()
+    kw = dict(kernel=kernel, fr_weight=0.2, fr_power=fr_power)
+    ours, ref = F.fkd_loss(a, teachers, **kw), R.fkd_loss(a, teachers, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=0)
+    for x, y in zip(torch.autograd.grad(ours, (a, teachers[0])), torch.autograd.grad(ref, (a, teachers[0]))):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_primitives_batched_and_against_reference(device):
     x = torch.randn(3, 9, 4, dtype=torch.float64, device=device)
     for fn, kw in ((F.gram, dict(kernel="cosine")), (F.gram, {}), (F.pairwise_distance, {}),
@@ -192,7 +212,11 @@ def test_gradcheck_float64():
     gt = t @ t.T
     assert torch.autograd.gradcheck(torch.ops.kdops.rkd_angle, (gs.detach().requires_grad_(),
                                                                  gt.detach().requires_grad_()))
-    # PKT's op takes the raw Gram matrices: every entry, the diagonal (the row norms) included, is an input
+    # PKT's and FKD's ops take the raw Gram matrices: every entry, the diagonal (the row norms) included, is an
+    # input
+    for cosine, fr_power in ((True, 1), (True, 2), (False, 1)):
+        assert torch.autograd.gradcheck(lambda a, k: torch.ops.kdops.fkd_gram(a, k, cosine, 0.4, fr_power),
+                                        (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
     for eps in (1e-7, 0.3):
         assert torch.autograd.gradcheck(lambda a, b: torch.ops.kdops.pkt_gram(a, b, eps),
                                         (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
@@ -215,10 +239,10 @@ def test_opcheck_and_compile():
     s, t = torch.randn(7, 5), torch.randn(7, 3)
     torch.library.opcheck(torch.ops.kdops.rkd_angle, (s @ s.T, t @ t.T))
     torch.library.opcheck(torch.ops.kdops.rkd_angle_backward, (torch.tensor(1.3), s @ s.T, t @ t.T, True, True))
-    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,))):
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 2))):
         gs, gt = (s @ s.T).requires_grad_(), (t @ t.T).requires_grad_()
         torch.library.opcheck(getattr(torch.ops.kdops, name), (gs, gt, *args))
-    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,))):
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 1))):
         backward_op = getattr(torch.ops.kdops, name + "_backward")
         torch.library.opcheck(backward_op, (torch.tensor(0.6), s @ s.T, t @ t.T, *args, True, False))
     for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss"):
@@ -259,6 +283,8 @@ def test_modules_match_functionals():
     (lambda: F.pkt_loss(torch.randn(4, 3), torch.randn(4, 3), eps=-1e-7), "eps"),
     (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(3), -1.0), "eps must be finite and >= 0"),
     (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(4), 1e-7), "must both be"),
+    (lambda: torch.ops.kdops.fkd_gram(torch.eye(3), torch.eye(3), True, 0.0, 3), "fr_power must be 1 or 2"),
+    (lambda: torch.ops.kdops.fkd_gram(torch.eye(1), torch.eye(1), True, 0.0, 2), "at least 2"),
     (lambda: F.gram(torch.randn(3), kernel="linear"), "dims"),
     (lambda: torch.ops.kdops.rkd_angle(torch.randn(3, 3), torch.randn(3, 4)), "must both be"),
 ])

@@ -105,8 +105,6 @@ void for_rows(const T* gs, const T* gt, int64_t b, const T* cs, const T* ct, F&&
 }
 
 struct CpuDev {
-  static constexpr double kGradFactor = 1.0;
-
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt, double eps) {
     const int64_t b = gs.size(0);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -122,12 +120,13 @@ struct CpuDev {
         out[i] = row_loss(s, t, cs, ct, cs[i], ct[i], irs, irt, b, T(eps));
       });
     });
-    return rows.sum();
+    return rows.sum() / (double(b) * double(b));
   }
 
-  static void backward(const at::Tensor& gs, const at::Tensor& gt, double cf, bool need_s, bool need_t,
-                       at::Tensor& dgs, at::Tensor& dgt, double eps) {
+  static void backward(const at::Tensor& gs, const at::Tensor& gt, bool need_s, bool need_t, at::Tensor& dgs,
+                       at::Tensor& dgt, double eps) {
     const int64_t b = gs.size(0);
+    const double cf = 1.0 / (double(b) * double(b));
     const int threads = at::get_num_threads();
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_gram_backward_cpu", [&] {
       using T = scalar_t;

@@ -60,8 +60,6 @@ KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t k, T is, T it, b
 }
 
 struct CpuDev {
-  static constexpr double kGradFactor = 2.0;  // d|d|^2 = 2 d
-
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt) {
     const int64_t b = gs.size(0), k = gs.size(1);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -77,12 +75,13 @@ struct CpuDev {
         }
       });
     });
-    return rows.sum();
+    return rows.sum() / (double(b) * double(b));
   }
 
-  static void backward(const at::Tensor& gs, const at::Tensor& gt, double cf, bool need_s, bool need_t,
-                       at::Tensor& dgs, at::Tensor& dgt) {
+  static void backward(const at::Tensor& gs, const at::Tensor& gt, bool need_s, bool need_t, at::Tensor& dgs,
+                       at::Tensor& dgt) {
     const int64_t b = gs.size(0), k = gs.size(1);
+    const double cf = 2.0 / (double(b) * double(b));  // d|d|^2 = 2 d, mean over b^2
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "sp_gram_backward_cpu", [&] {
       const scalar_t *sp = gs.const_data_ptr<scalar_t>(), *tp = gt.const_data_ptr<scalar_t>();
       scalar_t* ds = need_s ? dgs.mutable_data_ptr<scalar_t>() : nullptr;

@@ -114,8 +114,6 @@ __global__ void __launch_bounds__(kThreads) pkt_diag_kernel(const T* __restrict_
 }
 
 struct CudaDev {
-  static constexpr double kGradFactor = 1.0;
-
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt, double eps) {
     const int64_t b = gs.size(0);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -125,12 +123,13 @@ struct CudaDev {
           rows.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return rows.sum();
+    return rows.sum() / (double(b) * double(b));
   }
 
-  static void backward(const at::Tensor& gs, const at::Tensor& gt, double cf, bool need_s, bool need_t,
-                       at::Tensor& dgs, at::Tensor& dgt, double eps) {
+  static void backward(const at::Tensor& gs, const at::Tensor& gt, bool need_s, bool need_t, at::Tensor& dgs,
+                       at::Tensor& dgt, double eps) {
     const int64_t b = gs.size(0);
+    const double cf = 1.0 / (double(b) * double(b));
     at::Tensor rho = at::empty({2, b}, gs.options());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_gram_backward_cuda", [&] {

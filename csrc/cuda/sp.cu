@@ -70,8 +70,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 struct CudaDev {
-  static constexpr double kGradFactor = 2.0;  // d|d|^2 = 2 d
-
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt) {
     const int64_t b = gs.size(0), k = gs.size(1);
     at::Tensor rows = at::empty({b}, gs.options());
@@ -81,12 +79,13 @@ struct CudaDev {
           rows.mutable_data_ptr<scalar_t>(), nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return rows.sum();
+    return rows.sum() / (double(b) * double(b));
   }
 
-  static void backward(const at::Tensor& gs, const at::Tensor& gt, double cf, bool need_s, bool need_t,
-                       at::Tensor& dgs, at::Tensor& dgt) {
+  static void backward(const at::Tensor& gs, const at::Tensor& gt, bool need_s, bool need_t, at::Tensor& dgs,
+                       at::Tensor& dgt) {
     const int64_t b = gs.size(0), k = gs.size(1);
+    const double cf = 2.0 / (double(b) * double(b));  // d|d|^2 = 2 d, mean over b^2
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "sp_gram_backward_cuda", [&] {
       sp_rows_kernel<scalar_t, 1><<<b, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), k, scalar_t(cf), need_s, need_t, nullptr,

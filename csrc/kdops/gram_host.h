@@ -1,9 +1,8 @@
-// Host side of the fused epilogues over a pair of (b, b) Gram matrices (SP, PKT), shared by the CPU and CUDA
-// entry points: checks, the 1 / b^2 mean, and the incoming gradient applied with ATen (no host sync).
-// `Dev` supplies the row passes, with any extra scalar arguments passed through:
-//   Dev::forward(gs, gt, args...) -> 0-dim sum of the per-row terms;
-//   Dev::backward(gs, gt, cf, need_s, need_t, dgs, dgt, args...): the gradients of cf times that sum,
-//   with cf = Dev::kGradFactor / b^2.
+// Host side of the fused epilogues over a pair of (b, b) matrices (SP, PKT, FKD), shared by the CPU and CUDA
+// entry points: checks, contiguous inputs, allocated gradients, and the incoming gradient applied with ATen
+// (no host sync). `Dev` supplies the passes, with any extra scalar arguments passed through:
+//   Dev::forward(gs, gt, args...) -> the 0-dim loss (b >= 1);
+//   Dev::backward(gs, gt, need_s, need_t, dgs, dgt, args...): its gradients for an incoming gradient of 1.
 #pragma once
 
 #include <ATen/TensorOperators.h>
@@ -33,12 +32,18 @@ inline void check_nonnegative(const char* op, const char* name, double v) {
               " must be finite and >= 0, got ", v);
 }
 
+inline void check_fkd_args(const char* op, const at::Tensor& gs, double fr_weight, int64_t fr_power) {
+  TORCH_CHECK(gs.dim() != 2 || gs.size(0) >= 2, op, ": FKD needs a batch of at least 2, got ", gs.size(0));
+  check_nonnegative(op, "fr_weight", fr_weight);
+  TORCH_CHECK(fr_power == 1 || fr_power == 2, op, ": fr_power must be 1 or 2, got ", fr_power);
+}
+
 template <class Dev, class... Args>
 at::Tensor forward(const char* op, const at::Tensor& gs_in, const at::Tensor& gt_in, Args... args) {
   check_grams(op, gs_in, gt_in);
   const int64_t b = gs_in.size(0);
   if (b == 0) return at::zeros({}, gs_in.options());
-  return Dev::forward(gs_in.contiguous(), gt_in.contiguous(), args...) / (double(b) * double(b));
+  return Dev::forward(gs_in.contiguous(), gt_in.contiguous(), args...);
 }
 
 template <class Dev, class... Args>
@@ -50,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* op, const at::Tensor& gr
   at::Tensor dgs = need_s ? at::empty_like(gs) : at::zeros_like(gs);
   at::Tensor dgt = need_t ? at::empty_like(gt) : at::zeros_like(gt);
   if (b == 0 || !(need_s || need_t)) return {dgs, dgt};
-  Dev::backward(gs, gt, Dev::kGradFactor / (double(b) * double(b)), need_s, need_t, dgs, dgt, args...);
+  Dev::backward(gs, gt, need_s, need_t, dgs, dgt, args...);
   const at::Tensor g = grad.to(gs.scalar_type());
   if (need_s) dgs.mul_(g);
   if (need_t) dgt.mul_(g);
