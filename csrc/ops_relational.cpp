@@ -45,3 +45,17 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "bool student_grad, bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // The primitives over a Gram matrix G = X X^T, (n, n) or (B, n, n): kind 0 the cosine kernel G_ij c_i c_j
+  // (c_i = 1 / max(sqrt(G_ii), 1e-12)), 1 the distances sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)), 2 their
+  // squares max(., 0), distances exactly 0 on the diagonal. The backward returns dL/dG (the diagonal's terms
+  // included) from the incoming gradient and the forward's output.
+  m.def("gram_transform(Tensor gram, int kind) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("gram_transform_backward(Tensor grad, Tensor gram, Tensor out, int kind) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // The angle tensor psi[..., a, j, k] = <n_aj, n_ak>, n_aj the unit vector from x_a to x_j (0 for coincident
+  // points), from the Gram matrix (n, n) -> (n, n, n) or (B, n, n) -> (B, n, n, n). The backward returns dL/dG.
+  m.def("angle_tensor_gram(Tensor gram) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("angle_tensor_gram_backward(Tensor grad, Tensor gram) -> Tensor", {at::Tag::pt2_compliant_tag});
+}

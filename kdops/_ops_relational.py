@@ -34,3 +34,54 @@ def _register(name):
 
 for _name in ("rkd_angle", "sp_gram", "pkt_gram", "fkd_gram"):
     _register(_name)
+
+
+@torch.library.register_fake("kdops::gram_transform")
+def _gram_transform_fake(gram, kind):
+    return torch.empty_like(gram)
+
+
+@torch.library.register_fake("kdops::gram_transform_backward")
+def _gram_transform_backward_fake(grad, gram, out, kind):
+    return torch.empty_like(gram)
+
+
+def _gram_transform_setup(ctx, inputs, output):
+    gram, kind = inputs
+    ctx.save_for_backward(gram, output)
+    ctx.kind = kind
+
+
+def _gram_transform_backward(ctx, grad):
+    gram, out = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return torch.ops.kdops.gram_transform_backward(grad, gram, out, ctx.kind), None
+
+
+torch.library.register_autograd("kdops::gram_transform", _gram_transform_backward,
+                                setup_context=_gram_transform_setup)
+
+
+@torch.library.register_fake("kdops::angle_tensor_gram")
+def _angle_tensor_gram_fake(gram):
+    return gram.new_empty((*gram.shape, gram.shape[-1]))
+
+
+@torch.library.register_fake("kdops::angle_tensor_gram_backward")
+def _angle_tensor_gram_backward_fake(grad, gram):
+    return torch.empty_like(gram)
+
+
+def _angle_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _angle_backward(ctx, grad):
+    (gram,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    return torch.ops.kdops.angle_tensor_gram_backward(grad, gram)
+
+
+torch.library.register_autograd("kdops::angle_tensor_gram", _angle_backward, setup_context=_angle_setup)

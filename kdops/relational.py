@@ -89,53 +89,35 @@ def _self_gram(x):
 
 # ---- primitives ----
 
+_COSINE, _DISTANCE, _SQUARED_DISTANCE = 0, 1, 2  # kinds of kdops::gram_transform
+
+
 def gram(x, kernel="linear"):
     """Gram matrix of the rows of x (n, d) -> (n, n), batched (B, n, d) -> (B, n, n): ``linear`` x x^T, ``cosine``
-    U U^T with U = x / max(|x|, 1e-12) (unit diagonal; a zero row gives a zero row and column)."""
+    U U^T with U = x / max(|x|, 1e-12) (unit diagonal; a zero row gives a zero row and column). The cosine
+    kernel is one fused op over x x^T (the norms are its diagonal), so no normalised copy of x is made."""
     _check_tensor("gram", "x", x, (2, 3))
     if kernel not in ("linear", "cosine"):
         raise ValueError("gram: kernel must be 'linear' or 'cosine', got %r" % (kernel,))
-    x = _acc(x)
-    if kernel == "cosine":
-        x = F.normalize(x, dim=-1, eps=_TINY)
-    return _self_gram(x)
-
-
-def _sq_dists(g):
-    d = g.diagonal(dim1=-2, dim2=-1)
-    return d.unsqueeze(-1) + d.unsqueeze(-2) - 2 * g
+    g = _self_gram(_acc(x))
+    return torch.ops.kdops.gram_transform(g, _COSINE) if kernel == "cosine" else g
 
 
 def pairwise_distance(x, squared=False):
     """Euclidean distances between the rows of x (n, d) -> (n, n) (batched (B, n, d) too), from the Gram matrix:
     sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)) with the diagonal exactly 0 (RKD's pdist); ``squared``
-    gives max(., 0) instead of the root."""
+    gives max(., 0) instead of the root. One fused op over x x^T, forward and backward."""
     _check_tensor("pairwise_distance", "x", x, (2, 3))
-    sq = _sq_dists(gram(x))
-    eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
-    out = sq.clamp_min(0) if squared else sq.clamp_min(_TINY).sqrt()
-    return out.masked_fill(eye, 0.0)
-
-
-def _inverse_distances(g):
-    """1 / |x_j - x_a| from the Gram matrix; 0 for degenerate pairs (as in kdops/rkd_host.h)."""
-    sq = _sq_dists(g)
-    d = g.diagonal(dim1=-2, dim2=-1)
-    norms = d.unsqueeze(-1) + d.unsqueeze(-2)
-    degenerate = (sq <= norms * (16 * torch.finfo(g.dtype).eps)) | (sq < 1e-24)
-    return torch.where(degenerate, torch.zeros_like(g), sq.clamp_min(1e-24).rsqrt())
+    return torch.ops.kdops.gram_transform(gram(x), _SQUARED_DISTANCE if squared else _DISTANCE)
 
 
 def angle_tensor(x):
     """psi[a, j, k] = <n_aj, n_ak>, n_aj = normalize(x_j - x_a) (0 for a zero vector), for x (n, d) -> (n, n, n)
-    or batched (B, n, d) -> (B, n, n, n), built from the Gram matrix (no (n, n, d) differences). Pairs closer
-    than the Gram identity can resolve (16 ulp of the squared norms) count as degenerate."""
+    or batched (B, n, d) -> (B, n, n, n): one fused op over the Gram matrix (no (n, n, d) differences, the
+    output written once; the backward folds the b^3 incoming gradient back to dL/dG). Pairs closer than the
+    Gram identity can resolve (16 ulp of the squared norms) count as degenerate."""
     _check_tensor("angle_tensor", "x", x, (2, 3))
-    g = gram(x)
-    u = _inverse_distances(g)
-    d = g.diagonal(dim1=-2, dim2=-1)
-    num = (g.unsqueeze(-3) - g.unsqueeze(-1) - g.unsqueeze(-2) + d.unsqueeze(-1).unsqueeze(-1))
-    return num * u.unsqueeze(-1) * u.unsqueeze(-2)
+    return torch.ops.kdops.angle_tensor_gram(gram(x))
 
 
 # ---- batch relations ----

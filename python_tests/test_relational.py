@@ -115,6 +115,53 @@ def test_primitives_batched_and_against_reference(device):
     assert (F.pairwise_distance(x).diagonal(dim1=1, dim2=2) == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn, kw", [(F.gram, dict(kernel="cosine")), (F.pairwise_distance, {}),
+                                    (F.pairwise_distance, dict(squared=True)), (F.angle_tensor, {})],
+                         ids=["cosine", "dist", "sqdist", "angle"])
+def test_primitive_gradients_match_reference(device, fn, kw):
+    """The fused Gram-matrix primitives' backward (direct terms plus the diagonal's row and column sums)
+    against autograd through the reference, for a non-symmetric incoming gradient, batched and not, with a
+    zero row and a duplicate point."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64).to(device)
+    x[0, 2] = 0.0
+    if fn is not F.angle_tensor:  # the reference's normalize() of a zero difference has a 1/eps gradient
+        x[1, 4] = x[1, 1]
+    up = torch.randn(fn(x, **kw).shape, generator=g, dtype=torch.float64).to(device)
+    if fn is F.angle_tensor:
+        # psi[a, a, k] and psi[a, j, a] are constant 0; the reference's gradient there is normalize()'s 1/eps
+        # times a zero vector's, cancelling only up to rounding (~1e-4), so no gradient is sent through them
+        eye = torch.eye(7, dtype=torch.bool, device=device)
+        up = up.masked_fill(eye.unsqueeze(-1), 0.0).masked_fill(eye.unsqueeze(-2), 0.0)
+    for xs, ups in ((x, up), (x[1], up[1])):
+        a, b = xs.clone().requires_grad_(), xs.clone().requires_grad_()
+        ours, ref = fn(a, **kw), getattr(R, fn.__name__)(b, **kw)
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(torch.autograd.grad(ours, a, ups)[0], torch.autograd.grad(ref, b, ups)[0],
+                                   rtol=1e-7, atol=1e-9)
+
+
+def test_gram_transform_op_gradcheck_and_opcheck():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    gm = x @ x.transpose(-1, -2)
+    assert torch.autograd.gradcheck(torch.ops.kdops.angle_tensor_gram, (gm.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(torch.ops.kdops.angle_tensor_gram, (gm[0].clone().requires_grad_(),))
+    torch.library.opcheck(torch.ops.kdops.angle_tensor_gram, (gm.float().requires_grad_(),))
+    torch.library.opcheck(torch.ops.kdops.angle_tensor_gram_backward, (torch.rand(2, 6, 6, 6, dtype=gm.dtype), gm))
+    for kind in (0, 1, 2):
+        assert torch.autograd.gradcheck(lambda a: torch.ops.kdops.gram_transform(a, kind),
+                                        (gm.clone().requires_grad_(),)), kind
+        torch.library.opcheck(torch.ops.kdops.gram_transform, (gm.float().requires_grad_(), kind))
+        out = torch.ops.kdops.gram_transform(gm, kind)
+        torch.library.opcheck(torch.ops.kdops.gram_transform_backward, (torch.rand_like(gm), gm, out, kind))
+    with pytest.raises(RuntimeError, match="kind must be"):
+        torch.ops.kdops.gram_transform(gm, 3)
+    with pytest.raises(RuntimeError, match=r"\(n, n\) or \(B, n, n\)"):
+        torch.ops.kdops.gram_transform(torch.randn(3, 4), 0)
+
+
 def test_published_conventions_on_hand_computed_cases():
     # SP: G = F F^T row-normalised, |.|_F^2 / b^2
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)

@@ -38,6 +38,16 @@ inline void check_fkd_args(const char* op, const at::Tensor& gs, double fr_weigh
   TORCH_CHECK(fr_power == 1 || fr_power == 2, op, ": fr_power must be 1 or 2, got ", fr_power);
 }
 
+// A Gram matrix (n, n) or batch of them (B, n, n) for the primitives, and the kind of transform.
+inline void check_gram_transform(const char* op, const at::Tensor& g, int64_t kind) {
+  TORCH_CHECK((g.dim() == 2 || g.dim() == 3) && g.size(-1) == g.size(-2), op,
+              ": gram must be (n, n) or (B, n, n), got ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble, op,
+              ": gram must be float32 or float64, got ", g.scalar_type());
+  TORCH_CHECK(kind >= 0 && kind <= 2, op, ": kind must be 0 (cosine), 1 (distance) or 2 (squared distance), got ",
+              kind);
+}
+
 template <class Dev, class... Args>
 at::Tensor forward(const char* op, const at::Tensor& gs_in, const at::Tensor& gt_in, Args... args) {
   check_grams(op, gs_in, gt_in);

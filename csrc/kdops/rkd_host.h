@@ -34,12 +34,12 @@ inline void check_grams(const at::Tensor& gs, const at::Tensor& gt) {
   TORCH_CHECK(gs.device() == gt.device(), "kdops.rkd_angle: Gram matrices must be on one device");
 }
 
-// u[a, j] = 1 / |x_j - x_a| from the Gram matrix, 0 where the pair is degenerate: a distance under 1e-12 (where
-// F.normalize gives the zero vector) or a squared distance within the cancellation noise of the identity
-// |x_a|^2 + |x_j|^2 - 2 <x_a, x_j> (16 ulp of the squared norms).
+// u[a, j] = 1 / |x_j - x_a| from the Gram matrix ((b, b) or batched (B, b, b)), 0 where the pair is degenerate: a
+// distance under 1e-12 (where F.normalize gives the zero vector) or a squared distance within the cancellation
+// noise of the identity |x_a|^2 + |x_j|^2 - 2 <x_a, x_j> (16 ulp of the squared norms).
 inline at::Tensor inverse_distances(const at::Tensor& g) {
-  const at::Tensor diag = g.diagonal();
-  const at::Tensor norms = diag.unsqueeze(1) + diag.unsqueeze(0);
+  const at::Tensor diag = g.diagonal(0, -2, -1);
+  const at::Tensor norms = diag.unsqueeze(-1) + diag.unsqueeze(-2);
   const at::Tensor sq = norms - 2 * g;
   const double ulp = g.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                      : double(std::numeric_limits<float>::epsilon());
@@ -57,10 +57,11 @@ at::Tensor angle_forward(const at::Tensor& gs_in, const at::Tensor& gt_in) {
   return total / (double(b) * double(b) * double(b));
 }
 
-// One side's dL/dG from its per-row sums and its G_jk part (see the derivation in rkd_math.h's header).
+// One side's dL/dG ((b, b) or batched) from its per-row sums and its G_jk part, for a weight r[a, j, k] symmetric
+// in (j, k): rw[a, j] = u_aj sum_k r u_ak, rq[a, j] = sum_k psi r, dg[j, k] = sum_a r u_aj u_ak.
 inline at::Tensor assemble(const at::Tensor& u, const at::Tensor& rw, const at::Tensor& rq, const at::Tensor& dg) {
   const at::Tensor ds = -(u * u) * rq;  // dL/dS[a, j], S the squared distance
-  const at::Tensor diag = rw.sum(1) + ds.sum(1) + ds.sum(0);
+  const at::Tensor diag = rw.sum(-1) + ds.sum(-1) + ds.sum(-2);
   return dg - 2 * rw - 2 * ds + at::diag_embed(diag);
 }
 
