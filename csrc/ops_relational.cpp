@@ -59,3 +59,13 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
   m.def("angle_tensor_gram(Tensor gram) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("angle_tensor_gram_backward(Tensor grad, Tensor gram) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // CC's epilogue on the Gram matrices (b, b): the correlation kernels C = e^(-2 gamma) sum_{p<=order}
+  // (2 gamma G)^p / p! of both sides, |C_s - C_t|_F / b^2. The backward returns dL/dG per side.
+  m.def("cc_gram(Tensor gram_s, Tensor gram_t, float gamma, int order) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cc_gram_backward(Tensor grad, Tensor gram_s, Tensor gram_t, float gamma, int order, bool student_grad, "
+      "bool teacher_grad) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,6 +1,7 @@
-"""Fake kernels and autograd of the relational ops over Gram matrices (rkd_angle, sp_gram, pkt_gram, fkd_gram): each
-takes the student's and the teacher's (b, b) Gram matrix (plus, for some, scalar arguments), returns a 0-dim
-loss, and has a backward op returning dL/dG for both sides."""
+"""Fake kernels and autograd of the relational ops over Gram matrices. The losses (rkd_angle, sp_gram,
+pkt_gram, fkd_gram, cc_gram) each take the student's and the teacher's (b, b) matrix (plus, for some, scalar
+arguments), return a 0-dim loss, and have a backward op returning dL/dG for both sides; the primitives
+(gram_transform, angle_tensor_gram) map one (batched) Gram matrix to a kernel, distances or angles."""
 
 import torch
 
@@ -32,7 +33,7 @@ def _register(name):
     torch.library.register_autograd("kdops::" + name, backward, setup_context=setup)
 
 
-for _name in ("rkd_angle", "sp_gram", "pkt_gram", "fkd_gram"):
+for _name in ("rkd_angle", "sp_gram", "pkt_gram", "fkd_gram", "cc_gram"):
     _register(_name)
 
 

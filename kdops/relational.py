@@ -225,25 +225,13 @@ def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
 def cc_loss(student, teacher, gamma=0.4, order=2, gather_distributed=False):
     """Correlation congruence (Peng et al., the paper's Taylor-expanded Gaussian kernel as torchdistill):
     C_ij = exp(-2 gamma) sum_{p=0..order} (2 gamma)^p / p! (e_i . e_j)^p, L = |C_s - C_t|_F / b^2 (the norm,
-    not its square)."""
+    not its square). One fused op over the Gram matrices: the kernels are never stored."""
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 0:
         raise ValueError("cc_loss: order must be an int >= 0, got %r" % (order,))
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
         raise ValueError("cc_loss: gamma must be a finite number, got %r" % (gamma,))
     s, t = _pair("cc_loss", student, teacher, gather_distributed)
-    b = s.shape[0]
-
-    def corr(x):
-        g = _self_gram(x)
-        out = torch.zeros_like(g)
-        term = torch.ones_like(g)
-        for p in range(order + 1):
-            if p:
-                term = term * g
-            out = out + (2 * gamma) ** p / math.factorial(p) * term
-        return math.exp(-2 * gamma) * out
-
-    return (corr(s) - corr(t)).norm() / (b * b)
+    return torch.ops.kdops.cc_gram(_self_gram(s), _self_gram(t), float(gamma), int(order))
 
 
 # ---- feature-map relations ----

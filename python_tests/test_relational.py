@@ -261,6 +261,15 @@ def test_gradcheck_float64():
                                                                  gt.detach().requires_grad_()))
     # PKT's and FKD's ops take the raw Gram matrices: every entry, the diagonal (the row norms) included, is an
     # input
+    for gamma, order in ((0.4, 2), (0.25, 0), (1.5, 5)):
+        assert torch.autograd.gradcheck(lambda a, k: torch.ops.kdops.cc_gram(a, k, gamma, order),
+                                        (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
+        a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        assert_parity("cc_loss", a, t, gamma=gamma, order=order)
+    # equal kernels: the norm's subgradient 0, as torch.norm gives
+    same = s.detach().clone().requires_grad_()
+    loss = F.cc_loss(same, s.detach())
+    assert loss.item() == 0.0 and (torch.autograd.grad(loss, same)[0] == 0).all()
     for cosine, fr_power in ((True, 1), (True, 2), (False, 1)):
         assert torch.autograd.gradcheck(lambda a, k: torch.ops.kdops.fkd_gram(a, k, cosine, 0.4, fr_power),
                                         (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
@@ -286,10 +295,10 @@ def test_opcheck_and_compile():
     s, t = torch.randn(7, 5), torch.randn(7, 3)
     torch.library.opcheck(torch.ops.kdops.rkd_angle, (s @ s.T, t @ t.T))
     torch.library.opcheck(torch.ops.kdops.rkd_angle_backward, (torch.tensor(1.3), s @ s.T, t @ t.T, True, True))
-    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 2))):
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 2)), ("cc_gram", (0.4, 2))):
         gs, gt = (s @ s.T).requires_grad_(), (t @ t.T).requires_grad_()
         torch.library.opcheck(getattr(torch.ops.kdops, name), (gs, gt, *args))
-    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 1))):
+    for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 1)), ("cc_gram", (0.3, 3))):
         backward_op = getattr(torch.ops.kdops, name + "_backward")
         torch.library.opcheck(backward_op, (torch.tensor(0.6), s @ s.T, t @ t.T, *args, True, False))
     for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss"):
@@ -331,6 +340,8 @@ def test_modules_match_functionals():
     (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(3), -1.0), "eps must be finite and >= 0"),
     (lambda: torch.ops.kdops.pkt_gram(torch.eye(3), torch.eye(4), 1e-7), "must both be"),
     (lambda: torch.ops.kdops.fkd_gram(torch.eye(3), torch.eye(3), True, 0.0, 3), "fr_power must be 1 or 2"),
+    (lambda: torch.ops.kdops.cc_gram(torch.eye(3), torch.eye(3), 0.4, -1), "order must be >= 0"),
+    (lambda: F.cc_loss(torch.randn(4, 3), torch.randn(4, 3), gamma=math.inf), "gamma must be a finite"),
     (lambda: torch.ops.kdops.fkd_gram(torch.eye(1), torch.eye(1), True, 0.0, 2), "at least 2"),
     (lambda: F.gram(torch.randn(3), kernel="linear"), "dims"),
     (lambda: torch.ops.kdops.rkd_angle(torch.randn(3, 3), torch.randn(3, 4)), "must both be"),

@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 #include <tuple>
 
@@ -36,6 +37,11 @@ inline void check_fkd_args(const char* op, const at::Tensor& gs, double fr_weigh
   TORCH_CHECK(gs.dim() != 2 || gs.size(0) >= 2, op, ": FKD needs a batch of at least 2, got ", gs.size(0));
   check_nonnegative(op, "fr_weight", fr_weight);
   TORCH_CHECK(fr_power == 1 || fr_power == 2, op, ": fr_power must be 1 or 2, got ", fr_power);
+}
+
+inline void check_cc_args(const char* op, double gamma, int64_t order) {
+  TORCH_CHECK(std::isfinite(gamma), op, ": gamma must be finite, got ", gamma);
+  TORCH_CHECK(order >= 0, op, ": order must be >= 0, got ", order);
 }
 
 // A Gram matrix (n, n) or batch of them (B, n, n) for the primitives, and the kind of transform.
