@@ -69,3 +69,10 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "bool teacher_grad) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // Attention transfer's map: e[b, hw] = sum over channels (mean if `mean`) of |f[b, c, hw]|^p for f
+  // (b, C, HW), in one read of the map. The backward returns dL/df.
+  m.def("at_map(Tensor f, float p, bool mean) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("at_map_backward(Tensor grad, Tensor f, float p, bool mean) -> Tensor", {at::Tag::pt2_compliant_tag});
+}

@@ -1,7 +1,8 @@
 """Fake kernels and autograd of the relational ops over Gram matrices. The losses (rkd_angle, sp_gram,
 pkt_gram, fkd_gram, cc_gram) each take the student's and the teacher's (b, b) matrix (plus, for some, scalar
 arguments), return a 0-dim loss, and have a backward op returning dL/dG for both sides; the primitives
-(gram_transform, angle_tensor_gram) map one (batched) Gram matrix to a kernel, distances or angles."""
+(gram_transform, angle_tensor_gram) map one (batched) Gram matrix to a kernel, distances or angles; at_map is
+attention transfer's channel reduction of a feature map."""
 
 import torch
 
@@ -86,3 +87,29 @@ def _angle_backward(ctx, grad):
 
 
 torch.library.register_autograd("kdops::angle_tensor_gram", _angle_backward, setup_context=_angle_setup)
+
+
+@torch.library.register_fake("kdops::at_map")
+def _at_map_fake(f, p, mean):
+    return f.new_empty((f.shape[0], f.shape[2]))
+
+
+@torch.library.register_fake("kdops::at_map_backward")
+def _at_map_backward_fake(grad, f, p, mean):
+    return torch.empty_like(f)
+
+
+def _at_map_setup(ctx, inputs, output):
+    f, p, mean = inputs
+    ctx.save_for_backward(f)
+    ctx.args = (p, mean)
+
+
+def _at_map_backward(ctx, grad):
+    (f,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    return torch.ops.kdops.at_map_backward(grad, f, *ctx.args), None, None
+
+
+torch.library.register_autograd("kdops::at_map", _at_map_backward, setup_context=_at_map_setup)

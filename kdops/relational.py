@@ -264,10 +264,8 @@ def at_loss(student, teacher, p=2, mode="code"):
         raise ValueError("at_loss: p must be a number > 0, got %r" % (p,))
     s, t = _maps("at_loss", student, teacher)
 
-    def attention(x):
-        e = x.abs().pow(p)
-        e = e.mean(1) if mode == "code" else e.sum(1)
-        return F.normalize(e, dim=1, eps=_TINY)
+    def attention(x):  # the channel reduction of |x|^p as one op over the map, the rest on (b, HW)
+        return F.normalize(torch.ops.kdops.at_map(x, float(p), mode == "code"), dim=1, eps=_TINY)
 
     diff = attention(s) - attention(t)
     if mode == "code":

@@ -162,6 +162,22 @@ def test_gram_transform_op_gradcheck_and_opcheck():
         torch.ops.kdops.gram_transform(torch.randn(3, 4), 0)
 
 
+def test_at_map_op_gradcheck_opcheck_and_reference():
+    g = torch.Generator().manual_seed(9)
+    f = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    for p, mean in ((2.0, True), (3.0, False), (1.5, True)):
+        ref = f.abs().pow(p)
+        ref = ref.mean(1) if mean else ref.sum(1)
+        torch.testing.assert_close(torch.ops.kdops.at_map(f, p, mean), ref, rtol=1e-12, atol=0)
+        assert torch.autograd.gradcheck(lambda x: torch.ops.kdops.at_map(x, p, mean), (f.clone().requires_grad_(),))
+        torch.library.opcheck(torch.ops.kdops.at_map, (f.float().requires_grad_(), p, mean))
+        torch.library.opcheck(torch.ops.kdops.at_map_backward, (torch.rand(3, 7, dtype=f.dtype), f, p, mean))
+    with pytest.raises(RuntimeError, match="p must be finite and > 0"):
+        torch.ops.kdops.at_map(f, 0.0, True)
+    with pytest.raises(RuntimeError, match=r"\(b, C, HW\)"):
+        torch.ops.kdops.at_map(f[0], 2.0, True)
+
+
 def test_published_conventions_on_hand_computed_cases():
     # SP: G = F F^T row-normalised, |.|_F^2 / b^2
     s = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)

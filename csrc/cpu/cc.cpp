@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_utils.h"
@@ -21,27 +22,40 @@ namespace kdops {
 namespace cpu {
 namespace {
 
-template <typename T>
+template <typename T, int K>
 KDOPS_CPU_CLONES T row_sq_diff(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale) {
   T l = 0;
 #pragma omp simd reduction(+ : l)
   for (int64_t j = 0; j < b; ++j) {
     T ds, dt;
-    const T d = cc::kernel(s[j], two_gamma, order, scale, ds) - cc::kernel(t[j], two_gamma, order, scale, dt);
+    const T d = scale * (cc::series<T, K>(s[j], two_gamma, order, ds) -  //
+                         cc::series<T, K>(t[j], two_gamma, order, dt));
     l += d * d;
   }
   return l;
 }
 
-template <typename T, bool WS, bool WT>
-KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale, T cf, T* gs,
-                                T* gt) {
+template <typename T, int K, bool WS, bool WT>
+KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t b, T two_gamma, int order, T cf, T* gs, T* gt) {
 #pragma omp simd
   for (int64_t j = 0; j < b; ++j) {
     T ds, dt;
-    const T d = cf * (cc::kernel(s[j], two_gamma, order, scale, ds) - cc::kernel(t[j], two_gamma, order, scale, dt));
+    const T d = cf * (cc::series<T, K>(s[j], two_gamma, order, ds) - cc::series<T, K>(t[j], two_gamma, order, dt));
     if (WS) gs[j] = d * ds;
     if (WT) gt[j] = -d * dt;
+  }
+}
+
+// fn(std::integral_constant<int, K>) with K = order for the usual orders 0..4 (unrolled), else K = -1
+template <typename F>
+void dispatch_order(int64_t order, F&& fn) {
+  switch (order) {
+    case 0: return fn(std::integral_constant<int, 0>{});
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, -1>{});
   }
 }
 
@@ -49,8 +63,13 @@ KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t b, T two_gamma, 
 template <typename T>
 double total_sq_diff(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale) {
   std::vector<double> rows(b);
-  at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) rows[i] = row_sq_diff(s + i * b, t + i * b, b, two_gamma, order, scale);
+  dispatch_order(order, [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        rows[i] = row_sq_diff<T, K>(s + i * b, t + i * b, b, two_gamma, order, scale);
+      }
+    });
   });
   double total = 0;
   for (double r : rows) total += r;
@@ -79,16 +98,20 @@ struct CpuDev {
       const T two_gamma = T(2 * gamma), scale = T(std::exp(-2 * gamma));
       const double norm = std::sqrt(total_sq_diff(sp, tp, b, two_gamma, int(order), scale));
       // d|D| / dD = D / |D| (0 at D = 0, the norm's subgradient), then / b^2
-      const T cf = norm > 0 ? T(1.0 / (norm * double(b) * double(b))) : T(0);
+      // times the factors of C and dC/dg: e^(-2 gamma) twice and 2 gamma
+      const T cf = norm > 0 ? T(std::exp(-4 * gamma) * 2 * gamma / (norm * double(b) * double(b))) : T(0);
       T* ds = need_s ? dgs.mutable_data_ptr<T>() : nullptr;
       T* dt = need_t ? dgt.mutable_data_ptr<T>() : nullptr;
-      dispatch_grad_flags(need_s, need_t, [&](auto ws, auto wt) {
-        constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
-        at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) {
-            row_grads<T, WS, WT>(sp + i * b, tp + i * b, b, two_gamma, int(order), scale, cf,
-                                 WS ? ds + i * b : nullptr, WT ? dt + i * b : nullptr);
-          }
+      dispatch_order(order, [&](auto k) {
+        dispatch_grad_flags(need_s, need_t, [&](auto ws, auto wt) {
+          constexpr int K = decltype(k)::value;
+          constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;
+          at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+              row_grads<T, K, WS, WT>(sp + i * b, tp + i * b, b, two_gamma, int(order), cf,
+                                      WS ? ds + i * b : nullptr, WT ? dt + i * b : nullptr);
+            }
+          });
         });
       });
     });

@@ -38,24 +38,24 @@ __global__ void __launch_bounds__(kThreads) cc_rows_kernel(const T* __restrict__
   T acc = 0;
   for (int64_t j = threadIdx.x; j < b; j += kThreads) {
     T ds, dt;
-    const T d = cc::kernel(gs[i * b + j], two_gamma, order, scale, ds) -
-                cc::kernel(gt[i * b + j], two_gamma, order, scale, dt);
+    const T d = scale * (cc::series(gs[i * b + j], two_gamma, order, ds) -  //
+                         cc::series(gt[i * b + j], two_gamma, order, dt));
     acc += d * d;
   }
   acc = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) rows[i] = acc;
 }
 
-// cf[0] = 1 / (|D| b^2), 0 at D = 0
+// cf[0] = e^(-4 gamma) 2 gamma / (|D| b^2), 0 at D = 0 (the factors of C and dC/dg included)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cc_grad_kernel(const T* __restrict__ gs, const T* __restrict__ gt, int64_t total, T two_gamma, int order,
-                   T scale, const T* __restrict__ cf, bool want_s, bool want_t, T* __restrict__ dgs,
+                   const T* __restrict__ cf, bool want_s, bool want_t, T* __restrict__ dgs,
                    T* __restrict__ dgt) {
   const T c = cf[0];
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
     T ds, dt;
-    const T d = c * (cc::kernel(gs[e], two_gamma, order, scale, ds) - cc::kernel(gt[e], two_gamma, order, scale, dt));
+    const T d = c * (cc::series(gs[e], two_gamma, order, ds) - cc::series(gt[e], two_gamma, order, dt));
     if (want_s) dgs[e] = d * ds;
     if (want_t) dgt[e] = -d * dt;
   }
@@ -83,12 +83,13 @@ struct CudaDev {
                        at::Tensor& dgt, double gamma, int64_t order) {
     const int64_t b = gs.size(0), total = gs.numel();
     const at::Tensor norm = at::sqrt(row_sums(gs, gt, gamma, order).sum());
-    const at::Tensor cf = at::where(norm > 0, 1.0 / (norm * (double(b) * double(b))), at::zeros_like(norm));
+    const double factors = std::exp(-4 * gamma) * 2 * gamma;
+    const at::Tensor cf = at::where(norm > 0, factors / (norm * (double(b) * double(b))), at::zeros_like(norm));
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "cc_gram_backward_cuda", [&] {
       cc_grad_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535)),
                                  kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), total, scalar_t(2 * gamma), int(order),
-          scalar_t(std::exp(-2 * gamma)), cf.const_data_ptr<scalar_t>(), need_s, need_t,
+          cf.const_data_ptr<scalar_t>(), need_s, need_t,
           dgs.mutable_data_ptr<scalar_t>(), dgt.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

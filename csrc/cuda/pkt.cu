@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kThreads)
   const T cis = scale_of(gs, b, i, eps), cit = scale_of(gt, b, i, eps);
   Pair<T> r{0, 0};
   for (int64_t j = threadIdx.x; j < b; j += kThreads) {
-    r = {r.a + pkt::affinity(s[j], cis, scale_of(gs, b, j, eps)), r.b + pkt::affinity(t[j], cit, scale_of(gt, b, j, eps))};
+    r = {r.a + pkt::affinity(s[j], cis, scale_of(gs, b, j, eps)),
+         r.b + pkt::affinity(t[j], cit, scale_of(gt, b, j, eps))};
   }
   r = Reduce(tmp).Reduce(r, PairSum<T>());
   if (threadIdx.x == 0) shared = r;

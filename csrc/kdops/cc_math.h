@@ -8,9 +8,14 @@
 namespace kdops {
 namespace cc {
 
-// C(g) and dC/dg, the series summed term by term (term_p = term_{p-1} * 2 gamma g / p).
-template <typename T>
-KDOPS_HOST_DEVICE T kernel(T g, T two_gamma, int order, T scale, T& deriv) {
+// The series sum_{p<=order} (2 gamma g)^p / p! and its derivative with respect to 2 gamma g, term by term
+// (term_p = term_{p-1} * 2 gamma g / p); C(g) is e^(-2 gamma) times the series and dC/dg is e^(-2 gamma) 2 gamma
+// times the derivative. The factors are applied by the caller after differencing the two sides, so equal
+// inputs give exactly 0. kOrder >= 0 fixes the order at compile time (an unrolled loop that vectorises); -1
+// reads `order`.
+template <typename T, int kOrder = -1>
+KDOPS_HOST_DEVICE T series(T g, T two_gamma, int order, T& deriv) {
+  if (kOrder >= 0) order = kOrder;
   const T x = two_gamma * g;
   T term = T(1), sum = T(1), dsum = T(0);
   for (int p = 1; p <= order; ++p) {
@@ -18,8 +23,8 @@ KDOPS_HOST_DEVICE T kernel(T g, T two_gamma, int order, T scale, T& deriv) {
     term = term * x / T(p);
     sum += term;
   }
-  deriv = scale * two_gamma * dsum;
-  return scale * sum;
+  deriv = dsum;
+  return sum;
 }
 
 }  // namespace cc

@@ -44,6 +44,14 @@ inline void check_cc_args(const char* op, double gamma, int64_t order) {
   TORCH_CHECK(order >= 0, op, ": order must be >= 0, got ", order);
 }
 
+// A feature map flattened to (b, C, HW) for the attention-transfer map, and its exponent.
+inline void check_at_map(const char* op, const at::Tensor& f, double p) {
+  TORCH_CHECK(f.dim() == 3, op, ": the map must be (b, C, HW), got ", f.sizes());
+  TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble, op,
+              ": the map must be float32 or float64, got ", f.scalar_type());
+  TORCH_CHECK(p > 0.0 && std::isfinite(p), op, ": p must be finite and > 0, got ", p);
+}
+
 // A Gram matrix (n, n) or batch of them (B, n, n) for the primitives, and the kind of transform.
 inline void check_gram_transform(const char* op, const at::Tensor& g, int64_t kind) {
   TORCH_CHECK((g.dim() == 2 || g.dim() == 3) && g.size(-1) == g.size(-2), op,
