@@ -317,12 +317,21 @@ def test_opcheck_and_compile():
     for name, args in (("sp_gram", ()), ("pkt_gram", (1e-7,)), ("fkd_gram", (True, 0.1, 1)), ("cc_gram", (0.3, 3))):
         backward_op = getattr(torch.ops.kdops, name + "_backward")
         torch.library.opcheck(backward_op, (torch.tensor(0.6), s @ s.T, t @ t.T, *args, True, False))
-    for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss"):
+    for name in ("rkd_angle_loss", "rkd_distance_loss", "sp_loss", "fkd_loss", "pkt_loss", "cc_loss"):
         fn = getattr(F, name)
         torch.testing.assert_close(torch.compile(fn, fullgraph=True)(s, t), fn(s, t), rtol=1e-5, atol=1e-7)
     ms, mt = torch.randn(3, 4, 3, 3), torch.randn(3, 2, 3, 3)
-    torch.testing.assert_close(torch.compile(F.nst_loss, fullgraph=True)(ms, mt), F.nst_loss(ms, mt), rtol=1e-5,
-                               atol=1e-7)
+    for fn in (F.nst_loss, F.at_loss):
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(ms, mt), fn(ms, mt), rtol=1e-5, atol=1e-7)
+    fsp = lambda a, b: F.fsp_loss([(a, a * a)], [(b, b * b)])  # noqa: E731
+    torch.testing.assert_close(torch.compile(fsp, fullgraph=True)(ms, ms + 1), fsp(ms, ms + 1), rtol=1e-5, atol=1e-7)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    for prim in (lambda v: F.gram(v, kernel="cosine"), F.pairwise_distance, F.angle_tensor):
+        ours = torch.compile(prim, fullgraph=True)(x)
+        torch.testing.assert_close(ours, prim(x), rtol=1e-5, atol=1e-6)
+        up = torch.randn(ours.shape)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, up)[0], torch.autograd.grad(prim(x), x, up)[0],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_modules_match_functionals():
