@@ -15,6 +15,7 @@ from conftest import DEVICES
 from kdops import functional as F
 from kdops import nn as knn
 from kdops import reference as R
+from kdops import relational
 
 BATCH_LOSSES = ["fkd_loss", "sp_loss", "rkd_distance_loss", "rkd_angle_loss", "pkt_loss", "cc_loss"]
 MAP_LOSSES = ["at_loss", "nst_loss"]
@@ -43,6 +44,18 @@ def test_batch_losses_match_reference(device, name, b, ds, dt):
     s = torch.randn(b, ds, generator=g, dtype=torch.float64).to(device)
     t = torch.randn(b, dt, generator=g, dtype=torch.float64).to(device)
     assert_parity(name, s, t)
+
+
+@pytest.mark.parametrize("name", ["sp_loss", "pkt_loss", "cc_loss", "fkd_loss", "rkd_distance_loss"])
+def test_wide_batches_take_the_blocked_gram_and_match_reference(name):
+    """b >= 256 and d >= 2b: x x^T is formed from three block products (its symmetric half)."""
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(256, 520, generator=g, dtype=torch.float64)
+    t = torch.randn(256, 530, generator=g, dtype=torch.float64)
+    a = s[:, :9].contiguous()
+    torch.testing.assert_close(relational._gram_product(s), s @ s.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(relational._gram_product(a), a @ a.T, rtol=0, atol=0)  # narrow: plain GEMM
+    assert_parity(name, s, t, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,6 +272,15 @@ def test_low_precision_inputs(device, dtype, rtol):
         assert ours.dtype == torch.float32
         ref = getattr(R, name)(s.to(dtype).double(), t.to(dtype).double())
         torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=1e-6, msg=lambda m: "%s: %s" % (name, m))
+    ms = torch.randn(6, 5, 4, 4, generator=g).to(device)
+    mt = torch.randn(6, 7, 4, 4, generator=g).to(device)
+    cases = [(name, (ms, mt)) for name in MAP_LOSSES] + [("fsp_matrix", (ms, ms * ms))]
+    cases += [("gram", (s,)), ("pairwise_distance", (s,)), ("angle_tensor", (s[:9],))]
+    for name, args in cases:
+        ours = getattr(F, name)(*(a.to(dtype) for a in args))
+        assert ours.dtype == torch.float32, name
+        ref = getattr(R, name)(*(a.to(dtype).double() for a in args))
+        torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=1e-5, msg=lambda m: "%s: %s" % (name, m))
 
 
 def test_gradcheck_float64():

@@ -50,7 +50,7 @@ KDOPS_CPU_CLONES T row_grads(const T* g, const T* k, const T* c, T ci, int64_t b
 template <typename T>
 void norms(const T* g, int64_t b, bool cosine, T* n, T* c) {
   for (int64_t i = 0; i < b; ++i) {
-    n[i] = fkd::norm_of(g[i * b + i]);
+    n[i] = sqrt_pos_(g[i * b + i]);
     c[i] = fkd::scale_of(n[i], cosine);
   }
 }

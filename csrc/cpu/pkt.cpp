@@ -25,7 +25,7 @@ namespace {
 template <typename T>
 void norms(const T* g, int64_t b, T eps, T* n, T* c) {
   for (int64_t i = 0; i < b; ++i) {
-    n[i] = pkt::row_norm(g[i * b + i]);
+    n[i] = sqrt_pos_(g[i * b + i]);
     c[i] = T(1) / (n[i] + eps);
   }
 }

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cuda/launch.h"
 #include "kdops/gram_host.h"
 #include "kdops/rkd_host.h"
 #include "kdops/rkd_math.h"
@@ -22,12 +23,6 @@
 namespace kdops {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-unsigned blocks_for(int64_t total) {
-  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
-}
 
 // e = ((bi * n + a) * n + j) * n + k
 template <typename T>

@@ -11,17 +11,12 @@
 #include <algorithm>
 
 #include "kdops/feature_math.h"
+#include "cuda/launch.h"
 #include "kdops/gram_host.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-unsigned blocks_for(int64_t total) {
-  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) at_map_kernel(const T* __restrict__ f, int64_t C, int64_t hw,

@@ -20,13 +20,12 @@
 #include <tuple>
 
 #include "kdops/cc_math.h"
+#include "cuda/launch.h"
 #include "kdops/gram_host.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cc_rows_kernel(const T* __restrict__ gs, const T* __restrict__ gt,
@@ -86,7 +85,7 @@ struct CudaDev {
     const double factors = std::exp(-4 * gamma) * 2 * gamma;
     const at::Tensor cf = at::where(norm > 0, factors / (norm * (double(b) * double(b))), at::zeros_like(norm));
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "cc_gram_backward_cuda", [&] {
-      cc_grad_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535)),
+      cc_grad_kernel<scalar_t><<<blocks_for(total),
                                  kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), total, scalar_t(2 * gamma), int(order),
           cf.const_data_ptr<scalar_t>(), need_s, need_t,

@@ -24,7 +24,7 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __device__ T scale_at(const T* g, int64_t b, int64_t j, bool cosine) {
-  return fkd::scale_of(fkd::norm_of(g[j * b + j]), cosine);
+  return fkd::scale_of(sqrt_pos_(g[j * b + j]), cosine);
 }
 
 // Mode 0: rows[i] = sum_j (rho_ij - K_ij)^2 off the diagonal and fr[i] the row's regularisation term.
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
   acc = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) {
     rows[i] = acc;
-    if (Mode == 0) fr[i] = fkd::fr_term(fkd::norm_of(g[i * b + i]), g[i * b + i], power);
+    if (Mode == 0) fr[i] = fkd::fr_term(sqrt_pos_(g[i * b + i]), g[i * b + i], power);
   }
 }
 
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) fkd_diag_kernel(const T* __restrict_
                                                             T* __restrict__ dg) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= b) return;
-  const T n = fkd::norm_of(g[i * b + i]);
+  const T n = sqrt_pos_(g[i * b + i]);
   T extra = fr_w * fkd::fr_grad(n, power);
   if (cosine) extra += fkd::norm_grad(rho[i], fkd::scale_of(n, cosine), n);
   dg[i * b + i] += extra;

@@ -13,14 +13,13 @@
 
 #include <algorithm>
 
+#include "cuda/launch.h"
 #include "kdops/gram_host.h"
 #include "kdops/gram_math.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 // G_rr of global row r (batch r / n, row r % n)
 template <typename T>
@@ -79,10 +78,6 @@ __global__ void __launch_bounds__(kThreads)
     kappa += contrib;
   }
   dg[r * n + j] += gram_ops::diag_factor(kind, gjj) * (rho[r] + kappa);
-}
-
-unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
 at::Tensor gram_transform_cuda(const at::Tensor& gram_in, int64_t kind) {

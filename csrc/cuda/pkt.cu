@@ -35,7 +35,7 @@ struct PairSum {
 
 template <typename T>
 __device__ T scale_of(const T* g, int64_t b, int64_t j, T eps) {
-  return T(1) / (pkt::row_norm(g[j * b + j]) + eps);
+  return T(1) / (sqrt_pos_(g[j * b + j]) + eps);
 }
 
 // Mode 0: rows[i] = the row's loss terms. Mode 1: the direct part of dL/dG (times cf) for the wanted sides
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) pkt_diag_kernel(const T* __restrict_
   if (j >= b) return;
   T kappa = 0;
   for (int64_t i = 0; i < b; ++i) kappa += dg[i * b + j] * g[i * b + j];
-  const T n = pkt::row_norm(g[j * b + j]);
+  const T n = sqrt_pos_(g[j * b + j]);
   dg[j * b + j] += pkt::diag_grad(rho[j] + kappa, T(1) / (n + eps), n);
 }
 

@@ -25,6 +25,12 @@ KDOPS_HOST_DEVICE T max_of(T a, T b) {
   return a > b ? a : b;
 }
 
+// sqrt(max(x, 0)): a row norm from a Gram diagonal that rounding may have left slightly negative.
+template <typename T>
+KDOPS_HOST_DEVICE T sqrt_pos_(T x) {
+  return ::sqrt(x > T(0) ? x : T(0));
+}
+
 // exp for float. On the device this is the CUDA library expf. On the host it is a branch-free Cody-Waite
 // reduction with the degree-5 minimax polynomial of Cephes' expf (max relative error 8e-8 on [-87, 88])
 // that the compiler can vectorise inside `omp simd` loops, which libm's expf prevents. Arguments below
@@ -68,16 +74,9 @@ KDOPS_HOST_DEVICE double log_(double x) {
   return ::log(x);
 }
 
-// log(1 + u) for u in [0, 1]. On the host a branch-free Cephes-style polynomial (vectorisable, ~1e-7
-// relative error); on the device the CUDA library log1pf. The range is all that logaddexp_ needs.
-KDOPS_HOST_DEVICE float log1p_unit_(float u) {
-#if defined(__CUDA_ARCH__)
-  return log1pf(u);
-#else
-  // 1 + u = 2^e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1], formed without rounding 1 + u.
-  const bool hi = u > 0.41421356f;
-  const float f = hi ? (u - 1.0f) * 0.5f : u;
-  const float e = hi ? 1.0f : 0.0f;
+// e ln 2 + log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1]: Cephes' logf polynomial (~1e-7 relative),
+// branch-free; the host side of log1p_unit_ and log_pos_.
+inline __attribute__((always_inline)) float log_reduced_(float f, float e) {
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -90,6 +89,17 @@ KDOPS_HOST_DEVICE float log1p_unit_(float u) {
   y = y * f + 3.3333331174e-1f;
   y = y * f * z - 0.5f * z + e * -2.12194440e-4f;
   return f + y + e * 0.693359375f;
+}
+
+// log(1 + u) for u in [0, 1]. On the host a branch-free Cephes-style polynomial (vectorisable, ~1e-7
+// relative error); on the device the CUDA library log1pf. The range is all that logaddexp_ needs.
+KDOPS_HOST_DEVICE float log1p_unit_(float u) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(u);
+#else
+  // 1 + u = 2^e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1], formed without rounding 1 + u.
+  const bool hi = u > 0.41421356f;
+  return log_reduced_(hi ? (u - 1.0f) * 0.5f : u, hi ? 1.0f : 0.0f);
 #endif
 }
 
@@ -115,19 +125,7 @@ KDOPS_HOST_DEVICE float log_pos_(float x) {
   const bool hi = m > 1.41421356f;
   m = hi ? m * 0.5f : m;
   e = hi ? e + 1.0f : e;
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z - 0.5f * z + e * -2.12194440e-4f;
-  const float r = f + y + e * 0.693359375f;
+  const float r = log_reduced_(m - 1.0f, e);
   const float inf = std::numeric_limits<float>::infinity();
   return x > 0.0f ? (x < inf ? r : inf) : (x == 0.0f ? -inf : std::numeric_limits<float>::quiet_NaN());
 #endif

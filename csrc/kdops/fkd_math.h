@@ -9,11 +9,6 @@
 namespace kdops {
 namespace fkd {
 
-template <typename T>
-KDOPS_HOST_DEVICE T norm_of(T g_ii) {
-  return ::sqrt(g_ii > T(0) ? g_ii : T(0));
-}
-
 // c_i: 1 / max(n, 1e-12) for the correlation kernel (F.normalize's eps), 1 for the linear one.
 template <typename T>
 KDOPS_HOST_DEVICE T scale_of(T n, bool cosine) {

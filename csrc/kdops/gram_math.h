@@ -16,7 +16,7 @@ constexpr double kTiny = 1e-12;
 
 template <typename T>
 KDOPS_HOST_DEVICE T cosine_scale(T g_ii) {
-  const T n = ::sqrt(g_ii > T(0) ? g_ii : T(0));
+  const T n = sqrt_pos_(g_ii);
   return T(1) / (n > T(kTiny) ? n : T(kTiny));
 }
 
@@ -54,7 +54,7 @@ KDOPS_HOST_DEVICE T direct_grad(int kind, T dout, T out, T g, T gii, T gjj, T ci
 template <typename T>
 KDOPS_HOST_DEVICE T diag_factor(int kind, T g_ii) {
   if (kind != kCosine) return T(1);
-  const T n = ::sqrt(g_ii > T(0) ? g_ii : T(0));
+  const T n = sqrt_pos_(g_ii);
   return n > T(kTiny) ? T(-1) / (T(2) * n * n) : T(0);
 }
 

@@ -10,11 +10,6 @@ namespace kdops {
 namespace pkt {
 
 template <typename T>
-KDOPS_HOST_DEVICE T row_norm(T g_ii) {
-  return ::sqrt(g_ii > T(0) ? g_ii : T(0));
-}
-
-template <typename T>
 KDOPS_HOST_DEVICE T affinity(T g, T ci, T cj) {
   return (g * ci * cj + T(1)) * T(0.5);
 }
