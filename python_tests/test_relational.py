@@ -48,10 +48,10 @@ def test_batch_losses_match_reference(device, name, b, ds, dt):
 
 @pytest.mark.parametrize("name", ["sp_loss", "pkt_loss", "cc_loss", "fkd_loss", "rkd_distance_loss"])
 def test_wide_batches_take_the_blocked_gram_and_match_reference(name):
-    """b >= 256 and d >= 2b: x x^T is formed from three block products (its symmetric half)."""
+    """b >= 256 and b d >= 2^18: x x^T is formed from three block products (its symmetric half)."""
     g = torch.Generator().manual_seed(12)
-    s = torch.randn(256, 520, generator=g, dtype=torch.float64)
-    t = torch.randn(256, 530, generator=g, dtype=torch.float64)
+    s = torch.randn(256, 1030, generator=g, dtype=torch.float64)
+    t = torch.randn(256, 1100, generator=g, dtype=torch.float64)
     a = s[:, :9].contiguous()
     torch.testing.assert_close(relational._gram_product(s), s @ s.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(relational._gram_product(a), a @ a.T, rtol=0, atol=0)  # narrow: plain GEMM
