@@ -51,7 +51,7 @@ template <typename T>
 void norms(const T* g, int64_t b, bool cosine, T* n, T* c) {
   for (int64_t i = 0; i < b; ++i) {
     n[i] = sqrt_pos_(g[i * b + i]);
-    c[i] = fkd::scale_of(n[i], cosine);
+    c[i] = fkd::scale_of(g[i * b + i], cosine);
   }
 }
 
@@ -108,7 +108,7 @@ struct CpuDev {
       const T fr_w = T(fr_weight / double(b));
       for (int64_t i = 0; i < b; ++i) {
         T extra = fr_w * fkd::fr_grad(n[i], int(fr_power));
-        if (cosine) extra += fkd::norm_grad(rho[i], c[i], n[i]);
+        if (cosine) extra += fkd::norm_grad(rho[i], g[i * b + i]);
         dg[i * b + i] += extra;
       }
     });

@@ -70,7 +70,7 @@ struct CpuDev {
         for (int64_t i = i0; i < i1; ++i) {
           scalar_t ss, st, l, ad, cd;
           row_norms<scalar_t>(sp + i * k, tp + i * k, k, ss, st);
-          row_terms<scalar_t>(sp + i * k, tp + i * k, k, sp::inv_norm(ss), sp::inv_norm(st), l, ad, cd);
+          row_terms<scalar_t>(sp + i * k, tp + i * k, k, inv_norm_clamped_(ss), inv_norm_clamped_(st), l, ad, cd);
           out[i] = l;
         }
       });
@@ -93,7 +93,7 @@ struct CpuDev {
           for (int64_t i = i0; i < i1; ++i) {
             scalar_t ss, st, l, ad, cd;
             row_norms<scalar_t>(sp + i * k, tp + i * k, k, ss, st);
-            const scalar_t is = sp::inv_norm(ss), it = sp::inv_norm(st);
+            const scalar_t is = inv_norm_clamped_(ss), it = inv_norm_clamped_(st);
             row_terms<scalar_t>(sp + i * k, tp + i * k, k, is, it, l, ad, cd);
             row_grads<scalar_t, WS, WT>(sp + i * k, tp + i * k, k, is, it, std::sqrt(ss) <= scalar_t(1e-12),
                                         std::sqrt(st) <= scalar_t(1e-12), c * ad, -c * cd, c,

@@ -24,7 +24,7 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __device__ T scale_at(const T* g, int64_t b, int64_t j, bool cosine) {
-  return fkd::scale_of(sqrt_pos_(g[j * b + j]), cosine);
+  return fkd::scale_of(g[j * b + j], cosine);
 }
 
 // Mode 0: rows[i] = sum_j (rho_ij - K_ij)^2 off the diagonal and fr[i] the row's regularisation term.
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) fkd_diag_kernel(const T* __restrict_
   if (i >= b) return;
   const T n = sqrt_pos_(g[i * b + i]);
   T extra = fr_w * fkd::fr_grad(n, power);
-  if (cosine) extra += fkd::norm_grad(rho[i], fkd::scale_of(n, cosine), n);
+  if (cosine) extra += fkd::norm_grad(rho[i], g[i * b + i]);
   dg[i * b + i] += extra;
 }
 

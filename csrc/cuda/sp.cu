@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
   n = Reduce(tmp).Reduce(n, SumOp<T>());
   if (threadIdx.x == 0) shared = n;
   __syncthreads();
-  const T ss = shared.a, st = shared.b, is = sp::inv_norm(ss), it = sp::inv_norm(st);
+  const T ss = shared.a, st = shared.b, is = inv_norm_clamped_(ss), it = inv_norm_clamped_(st);
   __syncthreads();
   Sums<T> r{0, 0, 0};
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {

@@ -31,6 +31,14 @@ KDOPS_HOST_DEVICE T sqrt_pos_(T x) {
   return ::sqrt(x > T(0) ? x : T(0));
 }
 
+// 1 / max(sqrt(sq), 1e-12) from a squared norm: F.normalize's scale, shared by the kernels that normalise rows
+// of a Gram matrix (SP) or take row norms from its diagonal (cosine kernel, FKD).
+template <typename T>
+KDOPS_HOST_DEVICE T inv_norm_clamped_(T sq) {
+  const T n = sqrt_pos_(sq);
+  return T(1) / (n > T(1e-12) ? n : T(1e-12));
+}
+
 // exp for float. On the device this is the CUDA library expf. On the host it is a branch-free Cody-Waite
 // reduction with the degree-5 minimax polynomial of Cephes' expf (max relative error 8e-8 on [-87, 88])
 // that the compiler can vectorise inside `omp simd` loops, which libm's expf prevents. Arguments below

@@ -5,14 +5,16 @@
 #pragma once
 
 #include "kdops/common.h"
+#include "kdops/gram_math.h"
 
 namespace kdops {
 namespace fkd {
 
-// c_i: 1 / max(n, 1e-12) for the correlation kernel (F.normalize's eps), 1 for the linear one.
+// c_i: the cosine kernel's 1 / max(n_i, 1e-12) (kdops/gram_math.h) for the correlation kernel, 1 for the linear
+// one.
 template <typename T>
-KDOPS_HOST_DEVICE T scale_of(T n, bool cosine) {
-  return cosine ? T(1) / (n > T(1e-12) ? n : T(1e-12)) : T(1);
+KDOPS_HOST_DEVICE T scale_of(T g_ii, bool cosine) {
+  return cosine ? gram_ops::cosine_scale(g_ii) : T(1);
 }
 
 // (rho_ij - K_ij) off the diagonal, 0 on it.
@@ -32,11 +34,11 @@ KDOPS_HOST_DEVICE T fr_grad(T n, int power) {
   return power == 2 ? T(1) : (n > T(0) ? T(1) / (T(2) * n) : T(0));
 }
 
-// dL/dG_ii through c_i (correlation kernel): with rho_i = sum_j dG_ij G_ij over the direct part, and the
-// direct part symmetric, dL/dc_i = 2 rho_i / c_i and dc_i/dG_ii = -c_i^2 / (2 n_i) (0 where n is clamped).
+// dL/dG_ii through c_i (correlation kernel): the cosine kernel's diagonal term for row sum + column sum of
+// dG o G over the direct part, which is symmetric here, so both sums are rho_i.
 template <typename T>
-KDOPS_HOST_DEVICE T norm_grad(T rho, T c, T n) {
-  return n > T(1e-12) ? -rho * c / n : T(0);
+KDOPS_HOST_DEVICE T norm_grad(T rho, T g_ii) {
+  return gram_ops::diag_factor(gram_ops::kCosine, g_ii) * T(2) * rho;
 }
 
 }  // namespace fkd

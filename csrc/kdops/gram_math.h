@@ -16,8 +16,7 @@ constexpr double kTiny = 1e-12;
 
 template <typename T>
 KDOPS_HOST_DEVICE T cosine_scale(T g_ii) {
-  const T n = sqrt_pos_(g_ii);
-  return T(1) / (n > T(kTiny) ? n : T(kTiny));
+  return inv_norm_clamped_(g_ii);
 }
 
 template <typename T>

@@ -7,13 +7,6 @@
 namespace kdops {
 namespace sp {
 
-// 1 / max(|row|, 1e-12) from the squared norm
-template <typename T>
-KDOPS_HOST_DEVICE T inv_norm(T sq) {
-  const T n = ::sqrt(sq);
-  return T(1) / (n > T(1e-12) ? n : T(1e-12));
-}
-
 // d/dx of y = x / max(|x|, eps) applied to dy: (dy - y (y.dy)) / |x| when |x| > eps, else dy / eps
 template <typename T>
 KDOPS_HOST_DEVICE T normalize_grad(T dy, T y, T y_dot_dy, T inv_n, bool clamped) {
