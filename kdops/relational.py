@@ -71,8 +71,9 @@ def _pair(name, student, teacher, gather_distributed):
 
 def _gram_product(x):
     """x x^T. A large 2-D x (n >= 256 rows, n d >= 2^18) is done as three block products written in place, the
-    symmetric half as BLAS's syrk does: 3/4 of the GEMM work (measured here: 0.75 -> 0.68 ms at 512 x 512,
-    0.84 -> 0.73 ms at 256 x 2048; no gain on smaller products). Eager only: torch.compile gets the plain GEMM."""
+    symmetric half as BLAS's syrk does: 3/4 of the GEMM work (benchmarks/bench_relational.py: SP at 256 x 2048
+    3.77 -> 3.33 ms; smaller products were slower in blocks, hence the bounds). Eager only: torch.compile gets
+    the plain GEMM."""
     n, d = x.shape[-2], x.shape[-1]
     if x.dim() != 2 or n < 256 or n * d < 2 ** 18 or torch.compiler.is_compiling():
         return x @ x.transpose(-1, -2)
