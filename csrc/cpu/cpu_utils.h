@@ -17,8 +17,31 @@
 #define KDOPS_CPU_CLONES
 #endif
 
+// GCC tunes the x86-64-v4 clone above for 256-bit vectors. Loops over 16-bit data run faster with all 512 bits:
+// measured on the bf16 partial L2 loop with 64 to 3136-element planes, 10-25% less time on warm buffers and
+// about a third less when the output's pages are fresh. Such loops get a second build with KDOPS_CPU_WIDE,
+// chosen at run time where cpu_has_wide_build(). The loop itself must carry the attribute: a target_clones
+// function cannot take a vector width, and a loop inlined into a KDOPS_CPU_WIDE function keeps 256 bits. So
+// the loops are written once in an .inc file included under each attribute (see partial_l2.cpp).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KDOPS_CPU_WIDE __attribute__((target("arch=x86-64-v4,prefer-vector-width=512")))
+#define KDOPS_CPU_HAS_WIDE_BUILD 1
+#else
+#define KDOPS_CPU_WIDE
+#define KDOPS_CPU_HAS_WIDE_BUILD 0
+#endif
+
 namespace kdops {
 namespace cpu {
+
+inline bool cpu_has_wide_build() {
+#if KDOPS_CPU_HAS_WIDE_BUILD
+  static const bool ok = __builtin_cpu_supports("x86-64-v4");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 // Rows are processed in chunks that stay in L1 (the fallback two-pass path reads a chunk twice), and
 // chunks in blocks that prefetch the inputs kPrefetchAhead elements ahead: the exp-heavy loops leave the
