@@ -38,11 +38,12 @@ namespace wide {
 #undef KDOPS_LOOP
 }  // namespace wide
 
-// Whether a map loop takes the 512-bit build: 16-bit maps with planes of >= 64 elements. On shorter planes
-// (7x7) the wide vector loop barely runs and that build was 2-3x slower than the clones.
+// Whether a map loop takes the 512-bit build: 16-bit maps with planes of >= 64 elements when the loop
+// writes a map, >= 128 when it only reads (the forward). On shorter planes (7x7) the wide vector loop barely
+// runs and that build was 2-3x slower than the clones; at 8x8 it won only where it stores.
 template <typename scalar_t>
-bool wide_map_loop(int64_t hw) {
-  return sizeof(scalar_t) == 2 && hw >= 64 && cpu_has_wide_build();
+bool wide_map_loop(int64_t hw, bool writes = true) {
+  return sizeof(scalar_t) == 2 && hw >= (writes ? 64 : 128) && cpu_has_wide_build();
 }
 
 // Per-sample sums, and with student_grad / teacher_grad the gradients of scale * sum in the same pass.
@@ -57,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_impl(const char* op, c
   if (planes == 0) return {plane_sums.sum(1), gs, gt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool wide = wide_map_loop<scalar_t>(hw);
+    const bool wide = wide_map_loop<scalar_t>(hw, student_grad || teacher_grad);
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     const acc_t* mp = m.const_data_ptr<acc_t>();
