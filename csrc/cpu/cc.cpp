@@ -46,24 +46,11 @@ KDOPS_CPU_CLONES void row_grads(const T* s, const T* t, int64_t b, T two_gamma, 
   }
 }
 
-// fn(std::integral_constant<int, K>) with K = order for the usual orders 0..4 (unrolled), else K = -1
-template <typename F>
-void dispatch_order(int64_t order, F&& fn) {
-  switch (order) {
-    case 0: return fn(std::integral_constant<int, 0>{});
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    default: return fn(std::integral_constant<int, -1>{});
-  }
-}
-
 // sum over all entries of (C_s - C_t)^2, rows in parallel and summed in double
 template <typename T>
 double total_sq_diff(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale) {
   std::vector<double> rows(b);
-  dispatch_order(order, [&](auto k) {
+  dispatch_small_int<4, -1>(order, [&](auto k) {
     constexpr int K = decltype(k)::value;
     at::parallel_for(0, b, std::max<int64_t>(1, 4096 / std::max<int64_t>(b, 1)), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -102,7 +89,7 @@ struct CpuDev {
       const T cf = norm > 0 ? T(std::exp(-4 * gamma) * 2 * gamma / (norm * double(b) * double(b))) : T(0);
       T* ds = need_s ? dgs.mutable_data_ptr<T>() : nullptr;
       T* dt = need_t ? dgt.mutable_data_ptr<T>() : nullptr;
-      dispatch_order(order, [&](auto k) {
+      dispatch_small_int<4, -1>(order, [&](auto k) {
         dispatch_grad_flags(need_s, need_t, [&](auto ws, auto wt) {
           constexpr int K = decltype(k)::value;
           constexpr bool WS = decltype(ws)::value, WT = decltype(wt)::value;

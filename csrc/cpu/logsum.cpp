@@ -24,19 +24,9 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-// The exact integer power K (1-4) as a compile-time constant, or 0 for pow: with K known, abs_pow and
-// abs_pow_grad fold to a few multiplies and the loops vectorise (with k read at run time they did not: the
-// fp32 forward ran at a third of torch.compile's speed).
-template <typename F>
-void dispatch_power(int k, F&& fn) {
-  switch (k) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    default: return fn(std::integral_constant<int, 0>{});
-  }
-}
+// The exact integer power K (1-4) is a compile-time constant (0: pow) through dispatch_small_int<4, 0>: with K
+// known, abs_pow and abs_pow_grad fold to a few multiplies and the loops vectorise (with k read at run time
+// they did not: the fp32 forward ran at a third of torch.compile's speed).
 
 // Sums |a - b|^alpha over blocks of 256 in acc_t (vectorised), and the block sums in double: one long
 // fp32 running sum per SIMD lane loses ~1e-4 relative over millions of terms (a test caught it).
@@ -79,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> logsum_cpu(const at::Tensor& a_in, const std:
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    dispatch_power(k, [&](auto kc) {
+    dispatch_small_int<4, 0>(k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       total = at::parallel_reduce(
           int64_t(0), a.numel(), kGrain, 0.0,
@@ -109,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> logsum_backward_cpu(const at::Tensor& grad, c
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gap = a_grad ? ga.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gbp = b_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_power(k, [&](auto kc) {
+    dispatch_small_int<4, 0>(k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       dispatch_grad_flags(a_grad, b_grad, [&](auto wa, auto wb) {
         constexpr bool WA = decltype(wa)::value, WB = decltype(wb)::value;
