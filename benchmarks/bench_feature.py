@@ -1,6 +1,7 @@
 """Feature-map losses: the Overhaul's partial L2 and the projector recipe's LogSum, kdops vs the eager
 reference vs torch.compile(reference), forward and forward+backward (student gradient), fp32 and bf16.
-Floors: one clone() of the student map (partial L2), one clone() of both inputs (LogSum).
+Floors: one clone() of the student map (partial L2), one clone() of both inputs (LogSum). Partial L2's
+fwd+bwd rows also time one torch.add(student, teacher), the least traffic any forward + backward has.
 See bench_kd.py for how to run and report."""
 
 import pytest
@@ -61,6 +62,18 @@ def test_floor_clone(benchmark, shape, dtype, device):
     """The bandwidth floor: one clone() of the student map."""
     s, _, _ = make_inputs(shape, DTYPES[dtype], device)
     run(benchmark, "partial_l2", lambda: s.clone(), device, shape=shape_id(shape), dtype=dtype, mode="floor")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", PL2_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("provider", ["add"])
+def test_three_stream_pass(benchmark, provider, shape, dtype, device):
+    """What any partial L2 forward + backward must at least move: both maps read and one map-sized gradient
+    written, here as one torch.add(student, teacher) with no autograd. Its column in the fwd+bwd rows shows how
+    far kdops is from that bound; the clone floor reads one map and writes one, so 1.5x the floor is this pass."""
+    s, t, _ = make_inputs(shape, DTYPES[dtype], device)
+    run(benchmark, "partial_l2", lambda: torch.add(s, t), device, shape=shape_id(shape), dtype=dtype, mode="fwd+bwd")
 
 
 LOGSUM_SHAPES = [(8, 64)] if QUICK else [(256, 512), (256, 2048), (1024, 2048)]
