@@ -118,7 +118,7 @@ void for_each_chunk(int64_t C, int64_t skip, F&& fn) {
 }
 
 int64_t row_grain(int64_t C) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
 }
 
 template <typename scalar_t, Divergence D>
