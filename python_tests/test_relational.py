@@ -299,7 +299,8 @@ def test_gradcheck_float64():
                                                                  gt.detach().requires_grad_()))
     # PKT's and FKD's ops take the raw Gram matrices: every entry, the diagonal (the row norms) included, is an
     # input
-    for gamma, order in ((0.4, 2), (0.25, 0), (1.5, 5)):
+    # every order the kernels unroll (0-4) and one past them (the general series)
+    for gamma, order in ((0.4, 2), (0.25, 0), (0.3, 1), (0.3, 3), (0.6, 4), (1.5, 5)):
         assert torch.autograd.gradcheck(lambda a, k: torch.ops.kdops.cc_gram(a, k, gamma, order),
                                         (gs.detach().requires_grad_(), gt.detach().requires_grad_()))
         a = torch.randn(5, 4, generator=g, dtype=torch.float64)
