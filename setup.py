@@ -162,8 +162,10 @@ def extensions(cfg):
     opt = ["-O0", "-g"] if cfg["debug"] else ["-O3"]
     # -fopenmp: at::parallel_for is an inline OpenMP loop, serial unless the extension itself is built with it
     # (libgomp then resolves to the one torch already loaded). -fno-trapping-math lets GCC if-convert the
-    # guarded terms (p > 0 ? p * x : 0) and vectorise those loops.
-    cxx = opt + ["-fopenmp", "-fno-trapping-math"]
+    # guarded terms (p > 0 ? p * x : 0) and vectorise those loops. -fno-math-errno: sqrt becomes the bare
+    # instruction instead of a branch to libm for negative inputs (nothing here reads errno), without which
+    # the loops that call it (MMD's distance sums among them) stay scalar.
+    cxx = opt + ["-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     macros = [("KDOPS_WITH_CUDA", "1" if cfg["use_cuda"] else "0")]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=macros, extra_link_args=["-fopenmp"])
     if cfg["use_cuda"]:
