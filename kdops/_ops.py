@@ -30,12 +30,13 @@ def _kd_div_setup_context(ctx, inputs, output):
     ctx.args = (temperature, divergence, alpha, beta, ignore_index)
     ctx.scale = inputs[8] if len(inputs) > 8 else 1.0
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # stats get no gradient: no zero tensor for them on every backward
 
 
 def _kd_div_backward(ctx, grad_loss, _grad_stats):
     student, teacher, target, stats = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_s or need_t):
+    if grad_loss is None or not (need_s or need_t):
         return (None,) * 9
     gs, gt = torch.ops.kdops.kd_div_backward(grad_loss, student, teacher, target, stats, *ctx.args, need_s, need_t,
                                              ctx.scale)
@@ -171,13 +172,14 @@ def _logsum_setup_context(ctx, inputs, output):
     ctx.save_for_backward(a, b, total)
     ctx.args = (alpha, eps)
     ctx.mark_non_differentiable(total)
+    ctx.set_materialize_grads(False)
 
 
 def _logsum_backward(ctx, grad, _grad_total):
     a, b, total = ctx.saved_tensors
     need_a = ctx.needs_input_grad[0]
     need_b = b is not None and ctx.needs_input_grad[1]
-    if not (need_a or need_b):
+    if grad is None or not (need_a or need_b):
         return None, None, None, None
     ga, gb = torch.ops.kdops.logsum_backward(grad, a, b, total, *ctx.args, need_a, need_b)
     return (ga if need_a else None), (gb if need_b else None), None, None
