@@ -51,15 +51,25 @@ KDOPS_HOST_DEVICE acc_t int_pow(acc_t x, int p) {
   return r;
 }
 
-// The kernel kind and the exponent width are template parameters so that the per-pair loops compile to one
-// branch-free body each.
-template <int Kind, int Bits = 3>
+// The kernel kind and the poly degree (Degree >= 1; 0: read p.degree, with an exponent of Bits bits) are
+// template parameters so that the per-pair loops compile to one branch-free body each. A run-time degree
+// leaves GCC to unswitch the loop on its bits, and some of those copies stay scalar.
+template <int Kind, int Bits = 3, int Degree = 0>
 struct Kernel {
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t pow_(acc_t x, int p) {
+    if (Degree > 0) return int_pow<3>(x, p);  // folded: p is Degree or Degree - 1, both known here
+    return int_pow<Bits>(x, p);
+  }
+  static KDOPS_HOST_DEVICE int degree(int p) {
+    return Degree > 0 ? Degree : p;
+  }
+
   // k(x_i, y_j).
   template <typename acc_t>
   static KDOPS_HOST_DEVICE acc_t value(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
     if (Kind == kRbf) return exp_(-d2 * inv2s2);
-    if (Kind == kPoly) return int_pow<Bits>(p.gamma * g + p.coef0, p.degree);
+    if (Kind == kPoly) return pow_(p.gamma * g + p.coef0, degree(p.degree));
     return g;
   }
 
@@ -68,16 +78,25 @@ struct Kernel {
   template <typename acc_t>
   static KDOPS_HOST_DEVICE acc_t beta(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2) {
     if (Kind == kRbf) return acc_t(2) * inv2s2 * exp_(-d2 * inv2s2);
-    if (Kind == kPoly) return acc_t(p.degree) * p.gamma * int_pow<Bits>(p.gamma * g + p.coef0, p.degree - 1);
+    if (Kind == kPoly) return acc_t(degree(p.degree)) * p.gamma * pow_(p.gamma * g + p.coef0, degree(p.degree) - 1);
     return acc_t(1);
   }
 };
 
-// Calls fn(Kernel<...>{}) for the kernel kind and degree of p.
+// Calls fn(Kernel<...>{}) for the kernel kind and degree of p: degrees 1-4 as constants, up to 7 with a 3-bit
+// exponent, beyond with a 31-bit one.
 template <typename acc_t, typename F>
 void dispatch_kernel(const KernelParams<acc_t>& p, F&& fn) {
   if (p.kind == kRbf) {
     fn(Kernel<kRbf>{});
+  } else if (p.kind == kPoly && p.degree == 1) {
+    fn(Kernel<kPoly, 3, 1>{});
+  } else if (p.kind == kPoly && p.degree == 2) {
+    fn(Kernel<kPoly, 3, 2>{});
+  } else if (p.kind == kPoly && p.degree == 3) {
+    fn(Kernel<kPoly, 3, 3>{});
+  } else if (p.kind == kPoly && p.degree == 4) {
+    fn(Kernel<kPoly, 3, 4>{});
   } else if (p.kind == kPoly && p.degree < 8) {
     fn(Kernel<kPoly, 3>{});
   } else if (p.kind == kPoly) {
