@@ -19,33 +19,45 @@ def _acc_dtype(dtype):
 # ---- MMD (C++ kernels) ----
 
 @torch.library.register_fake("kdops::mmd")
-def _mmd_fake(x, y, kernel, gamma, coef0, degree, bandwidth):
+def _mmd_weight_numel(n, m, kernel, save_weights):
+    """Elements of kdops::mmd's saved weights [W_xy | W_xx (bit 1) | W_yy (bit 2)]."""
+    if kernel == "linear" or not save_weights:
+        return 0
+    return n * m + (n * n if save_weights & 1 else 0) + (m * m if save_weights & 2 else 0)
+
+
+@torch.library.register_fake("kdops::mmd")
+def _mmd_fake(x, y, kernel, gamma, coef0, degree, bandwidth, save_weights):
     acc = _acc_dtype(x.dtype)
-    return x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
+    numel = _mmd_weight_numel(x.shape[0], y.shape[0], kernel, save_weights)
+    return x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), x.new_empty((numel,), dtype=acc)
 
 
 @torch.library.register_fake("kdops::mmd_backward")
-def _mmd_backward_fake(grad, x, y, sigma, kernel, gamma, coef0, degree, x_grad, y_grad):
+def _mmd_backward_fake(grad, x, y, sigma, weights, saved_weights, kernel, gamma, coef0, degree, x_grad, y_grad):
     gx = x.new_empty(x.shape) if x_grad else x.new_empty((0,))
     gy = y.new_empty(y.shape) if y_grad else y.new_empty((0,))
     return gx, gy
 
 
 def _mmd_setup_context(ctx, inputs, output):
-    x, y, kernel, gamma, coef0, degree, _bandwidth = inputs
-    _, sigma = output
-    ctx.save_for_backward(x, y, sigma)
-    ctx.args = (kernel, gamma, coef0, degree)
-    ctx.mark_non_differentiable(sigma)
+    x, y, kernel, gamma, coef0, degree, _bandwidth, save = inputs
+    _, sigma, weights = output
+    ctx.save_for_backward(x, y, sigma, weights)
+    ctx.args = (save, kernel, gamma, coef0, degree)
+    ctx.mark_non_differentiable(sigma, weights)
+    # sigma and the weights never get a gradient: without this, autograd would fill a zero tensor the size of
+    # the weights on every backward.
+    ctx.set_materialize_grads(False)
 
 
-def _mmd_backward(ctx, grad, _grad_sigma):
-    x, y, sigma = ctx.saved_tensors
+def _mmd_backward(ctx, grad, _grad_sigma, _grad_weights):
+    x, y, sigma, weights = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_x or need_y):
-        return (None,) * 7
-    gx, gy = torch.ops.kdops.mmd_backward(grad, x, y, sigma, *ctx.args, need_x, need_y)
-    return (gx if need_x else None, gy if need_y else None) + (None,) * 5
+    if grad is None or not (need_x or need_y):
+        return (None,) * 8
+    gx, gy = torch.ops.kdops.mmd_backward(grad, x, y, sigma, weights, *ctx.args, need_x, need_y)
+    return (gx if need_x else None, gy if need_y else None) + (None,) * 6
 
 
 torch.library.register_autograd("kdops::mmd", _mmd_backward, setup_context=_mmd_setup_context)

@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from kdops import _ops  # noqa: F401  (registers kdops::emd_plan, kdops::permuted_sq_dist, kdops::mmd)
+from kdops import _ops_distribution
 
 
 def _acc_dtype(dtype):
@@ -217,7 +218,12 @@ def gaussian_kl(x, y, diagonal=True, eps=1e-6):
 MMD_KERNELS = ("linear", "rbf", "poly")
 
 
-def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3):
+# Default bound on the weight matrices an rbf / poly MMD keeps from its forward for its backward (n m + n^2
+# elements in fp32 / fp64 for x's gradient, + m^2 for y's): within it the backward runs no Gram GEMMs.
+MMD_SAVE_LIMIT_BYTES = 64 * 2 ** 20
+
+
+def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3, save_blocks=None):
     """Squared maximum mean discrepancy (the biased V-statistic)
     mean_ij k(x_i, x_j) + mean_ij k(y_i, y_j) - 2 mean_ij k(x_i, y_j) between x (n, d) and y (m, d).
 
@@ -230,8 +236,15 @@ def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3):
     Fused (kdops::mmd): the Gram blocks x x^T, y y^T, x y^T come from ATen GEMMs in fp32 (fp64 for fp64;
     fp16 / bf16 inputs are upcast, since |x|^2 + |y|^2 - 2 <x, y> cancels), and one pass per block applies
     the kernel and reduces it; the backward turns each recomputed block into its weight matrix in place and
-    finishes with GEMMs. Nothing larger than the Gram blocks is stored, and nothing is saved for the backward
-    but the inputs and sigma.
+    finishes with GEMMs. Nothing larger than the Gram blocks is stored.
+
+    save_blocks: whether an rbf / poly forward that will be differentiated keeps the backward's weight
+    matrices (the kernel derivatives, written over the Gram blocks in the same pass that sums the kernel), so
+    that the backward runs two GEMMs per input gradient instead of recomputing Gram blocks first: fewer GEMMs
+    than torch.compile's graph, at the cost of holding the blocks until the backward: n m + n^2 fp32 values
+    for x's gradient, m^2 more for y's (a frozen teacher cloud y costs nothing extra). ``None`` (default) keeps
+    them when they take at most ``MMD_SAVE_LIMIT_BYTES`` (64 MiB: n = m = 2896 in fp32 for x alone);
+    ``False`` always recomputes (only the inputs and sigma are saved); ``True`` always keeps them.
     """
     _check_clouds("mmd", x, y)
     if kernel not in MMD_KERNELS:
@@ -244,8 +257,18 @@ def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3):
     _check_number("mmd", "coef0", coef0)
     if isinstance(degree, bool) or not isinstance(degree, numbers.Integral) or degree < 1:
         raise ValueError("mmd: degree must be an integer >= 1, got %r" % (degree,))
-    loss, _ = torch.ops.kdops.mmd(x, y, kernel, float(gamma), float(coef0), int(degree),
-                                  float(bandwidth) if bandwidth is not None else 0.0)
+    if save_blocks not in (None, True, False):
+        raise ValueError("mmd: save_blocks must be None, True or False, got %r" % (save_blocks,))
+    save = 0  # kdops::mmd's save_weights: 1 for x's gradient, 2 for y's
+    if kernel != "linear" and save_blocks is not False and torch.is_grad_enabled():
+        save = (1 if x.requires_grad else 0) | (2 if y.requires_grad else 0)
+        if save and save_blocks is None:
+            itemsize = 8 if x.dtype == torch.float64 else 4
+            numel = _ops_distribution._mmd_weight_numel(x.shape[0], y.shape[0], kernel, save)
+            if numel * itemsize > MMD_SAVE_LIMIT_BYTES:
+                save = 0
+    loss, _, _ = torch.ops.kdops.mmd(x, y, kernel, float(gamma), float(coef0), int(degree),
+                                     float(bandwidth) if bandwidth is not None else 0.0, save)
     return loss
 
 

@@ -76,14 +76,16 @@ class GaussianKLLoss(nn.Module):
 class MMDLoss(nn.Module):
     """Biased MMD^2 (fused). See :func:`kdops.functional.mmd`."""
 
-    def __init__(self, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3):
+    def __init__(self, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3, save_blocks=None):
         super().__init__()
         if kernel not in D.MMD_KERNELS:
             raise ValueError("MMDLoss: kernel must be one of %s, got %r" % (D.MMD_KERNELS, kernel))
         self.kernel, self.bandwidth, self.gamma, self.coef0, self.degree = kernel, bandwidth, gamma, coef0, degree
+        self.save_blocks = save_blocks
 
     def forward(self, student, teacher):
-        return D.mmd(student, teacher, self.kernel, self.bandwidth, self.gamma, self.coef0, self.degree)
+        return D.mmd(student, teacher, self.kernel, self.bandwidth, self.gamma, self.coef0, self.degree,
+                     self.save_blocks)
 
     def extra_repr(self):
         return "kernel=%r, bandwidth=%s" % (self.kernel, self.bandwidth)

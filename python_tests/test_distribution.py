@@ -38,17 +38,23 @@ MMD_CASES = [
     dict(kernel="rbf", bandwidth=3.0),
     dict(kernel="poly"),
     dict(kernel="poly", degree=2, gamma=0.3, coef0=0.5),
+    # degrees 1-4 are compiled as constants, 5-7 and 8+ read at run time (kdops::distribution::dispatch_kernel)
+    dict(kernel="poly", degree=1),
+    dict(kernel="poly", degree=4),
+    dict(kernel="poly", degree=6),
+    dict(kernel="poly", degree=9),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(MMD_CASES)))
 @pytest.mark.parametrize("shape", [(37, 53, 129), (64, 64, 16), (1, 5, 7)], ids=lambda s: "x".join(map(str, s)))
-def test_mmd_parity_with_float64_reference(device, case, shape):
+@pytest.mark.parametrize("save_blocks", [False, True], ids=["recompute", "saved"])
+def test_mmd_parity_with_float64_reference(device, case, shape, save_blocks):
     n, m, d = shape
     kw = MMD_CASES[case]
     x, y = cloud(n, d, device), cloud(m, d, device, scale=1.3, shift=0.2)
-    ours = value_and_grads(F.mmd, x, y, **kw)
+    ours = value_and_grads(F.mmd, x, y, save_blocks=save_blocks, **kw)
     ref = value_and_grads(R.mmd, x.double(), y.double(), **kw)
     assert ours[0].dtype == torch.float32
     assert_all_close(ours, ref, rtol=1e-4, atol=1e-6)
@@ -57,11 +63,12 @@ def test_mmd_parity_with_float64_reference(device, case, shape):
 @pytest.mark.parametrize("device", DEVICES)
 def test_mmd_rbf_bandwidth_is_the_mean_pairwise_distance(device):
     x, y = cloud(20, 9, device, torch.float64), cloud(31, 9, device, torch.float64, shift=1.0)
-    _, sigma = torch.ops.kdops.mmd(x, y, "rbf", 0.0, 1.0, 3, 0.0)
     z = torch.cat([x, y]).cpu().numpy()
-    assert sigma.item() == pytest.approx(scipy.spatial.distance.pdist(z).mean(), rel=1e-12)
-    _, fixed = torch.ops.kdops.mmd(x, y, "rbf", 0.0, 1.0, 3, 2.5)
-    assert fixed.item() == 2.5
+    for save in (0, 1, 2, 3):
+        _, sigma, _ = torch.ops.kdops.mmd(x, y, "rbf", 0.0, 1.0, 3, 0.0, save)
+        assert sigma.item() == pytest.approx(scipy.spatial.distance.pdist(z).mean(), rel=1e-12)
+        _, fixed, _ = torch.ops.kdops.mmd(x, y, "rbf", 0.0, 1.0, 3, 2.5, save)
+        assert fixed.item() == 2.5
 
 
 def test_mmd_kernels_match_scikit_learn():
@@ -81,13 +88,14 @@ def test_mmd_kernels_match_scikit_learn():
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf", "poly"])
-def test_mmd_gradcheck_float64(kernel):
+@pytest.mark.parametrize("save_blocks", [False, True], ids=["recompute", "saved"])
+def test_mmd_gradcheck_float64(kernel, save_blocks):
     x, y = cloud(6, 4, dtype=torch.float64), cloud(5, 4, dtype=torch.float64, shift=0.3)
     x.requires_grad_()
     y.requires_grad_()
     # rbf: a fixed bandwidth, since the automatic one is held constant (no gradient) by definition
     kw = dict(bandwidth=1.3) if kernel == "rbf" else {}
-    assert torch.autograd.gradcheck(lambda a, b: F.mmd(a, b, kernel=kernel, **kw), (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: F.mmd(a, b, kernel=kernel, save_blocks=save_blocks, **kw), (x, y))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,12 +105,89 @@ def test_mmd_opcheck(device, kernel):
     x.requires_grad_()
     y.requires_grad_()
     for bw in (0.0, 1.5):
-        torch.library.opcheck(torch.ops.kdops.mmd.default, (x, y, kernel, 0.2, 1.0, 3, bw))
-    _, sigma = torch.ops.kdops.mmd(x, y, kernel, 0.2, 1.0, 3, 0.0)
-    for wx, wy in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.kdops.mmd_backward.default,
-                              (torch.tensor(0.7, device=device), x.detach(), y.detach(), sigma, kernel, 0.2, 1.0, 3,
-                               wx, wy))
+        for save in (0, 1, 2, 3):
+            torch.library.opcheck(torch.ops.kdops.mmd.default, (x, y, kernel, 0.2, 1.0, 3, bw, save))
+    # every save mode with every gradient: a block the forward did not keep is recomputed
+    for save in (0, 1, 2, 3):
+        _, sigma, weights = torch.ops.kdops.mmd(x, y, kernel, 0.2, 1.0, 3, 0.0, save)
+        for wx, wy in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.kdops.mmd_backward.default,
+                                  (torch.tensor(0.7, device=device), x.detach(), y.detach(), sigma, weights, save,
+                                   kernel, 0.2, 1.0, 3, wx, wy))
+
+
+def _rbf_poly_beta(p, q, kernel, sigma, gamma=0.2, coef0=1.0, degree=3):
+    """d k(p_i, q_j) / d p_i = alpha p_i + beta q_j: beta in float64, from the kernel's definition."""
+    p, q = p.double(), q.double()
+    if kernel == "rbf":
+        d2 = torch.cdist(p, q).pow(2)
+        return torch.exp(-d2 / (2 * sigma ** 2)) / sigma ** 2
+    return degree * gamma * (gamma * p @ q.T + coef0).pow(degree - 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+def test_mmd_saved_weights_are_the_kernel_derivatives(device, kernel):
+    # The saved buffer is [W_xy | W_xx (save bit 1) | W_yy (save bit 2)] with W = (loss weight of the block) *
+    # beta, W_xx and W_yy counting each point's row and column: the backward reads it as such, so check the
+    # layout itself.
+    n, m, d = 9, 13, 6
+    x, y = cloud(n, d, device, torch.float64), cloud(m, d, device, torch.float64, shift=0.4)
+    loss0, sigma0, w0 = torch.ops.kdops.mmd(x, y, kernel, 0.2, 1.0, 3, 0.0, 0)
+    assert w0.numel() == 0
+    s = sigma0.item()
+    want_xx = 2 / n ** 2 * _rbf_poly_beta(x, x, kernel, s).cpu()
+    want_yy = 2 / m ** 2 * _rbf_poly_beta(y, y, kernel, s).cpu()
+    want_xy = -2 / (n * m) * _rbf_poly_beta(x, y, kernel, s).cpu()
+    for save, blocks in ((1, [want_xy, want_xx]), (2, [want_xy, want_yy]), (3, [want_xy, want_xx, want_yy])):
+        loss, sigma, w = torch.ops.kdops.mmd(x, y, kernel, 0.2, 1.0, 3, 0.0, save)
+        assert w.dtype == torch.float64 and w.shape == (sum(b.numel() for b in blocks),)
+        torch.testing.assert_close(w.cpu(), torch.cat([b.flatten() for b in blocks]))
+        # the same loss and sigma as the forward that keeps nothing
+        assert sigma.item() == s
+        torch.testing.assert_close(loss, loss0, rtol=1e-13, atol=1e-15)
+    # linear keeps nothing: its gradient is closed-form
+    assert torch.ops.kdops.mmd(x, y, "linear", 0.2, 1.0, 3, 0.0, 3)[2].numel() == 0
+    # the backward from any saved set, blocks not kept recomputed, equals the one that recomputes everything
+    g = torch.tensor(0.7, dtype=torch.float64, device=device)
+    for save in (1, 2, 3):
+        _, _, w = torch.ops.kdops.mmd(x, y, kernel, 0.2, 1.0, 3, 0.0, save)
+        for wx, wy in ((True, True), (True, False), (False, True)):
+            want = torch.ops.kdops.mmd_backward(g, x, y, sigma0, w0, 0, kernel, 0.2, 1.0, 3, wx, wy)
+            got = torch.ops.kdops.mmd_backward(g, x, y, sigma0, w, save, kernel, 0.2, 1.0, 3, wx, wy)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def _saved_numels(fn):
+    numels = []
+
+    def pack(t):
+        numels.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return numels
+
+
+def test_mmd_save_blocks_default_follows_the_size_limit(monkeypatch):
+    from kdops import distribution as D
+    x, y = cloud(30, 8).requires_grad_(), cloud(20, 8)
+    blocks = 30 * 20 + 30 * 30  # W_xy and W_xx: y (a frozen teacher) needs no W_yy
+    assert blocks in _saved_numels(lambda: F.mmd(x, y, kernel="poly"))
+    assert blocks + 20 * 20 in _saved_numels(lambda: F.mmd(x, y.requires_grad_(), kernel="poly"))
+    y.requires_grad_(False)
+    assert blocks not in _saved_numels(lambda: F.mmd(x, y, kernel="poly", save_blocks=False))
+    monkeypatch.setattr(D, "MMD_SAVE_LIMIT_BYTES", blocks * 4 - 1)
+    assert blocks not in _saved_numels(lambda: F.mmd(x, y, kernel="rbf"))
+    assert blocks in _saved_numels(lambda: F.mmd(x, y, kernel="rbf", save_blocks=True))
+    # nothing to differentiate: nothing kept, whatever save_blocks says
+    with torch.no_grad():
+        assert F.mmd(x, y, kernel="rbf", save_blocks=True).item() == pytest.approx(
+            F.mmd(x, y, kernel="rbf", save_blocks=False).item(), rel=1e-6)
+    _, _, w = torch.ops.kdops.mmd(x.detach(), y, "rbf", 0.2, 1.0, 3, 0.0, 0)
+    assert w.numel() == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,9 +225,10 @@ def test_mmd_non_contiguous_and_identical(device):
 def test_mmd_torch_compile_fullgraph():
     x, y = cloud(12, 8), cloud(10, 8)
     for kernel in ("linear", "rbf", "poly"):
-        fn = lambda a, b: F.mmd(a, b, kernel=kernel)  # noqa: E731
-        eager, comp = value_and_grads(fn, x, y), value_and_grads(torch.compile(fn, fullgraph=True), x, y)
-        assert_all_close(comp, eager, rtol=1e-6, atol=1e-7)
+        for save in (None, False):
+            fn = lambda a, b: F.mmd(a, b, kernel=kernel, save_blocks=save)  # noqa: E731
+            eager, comp = value_and_grads(fn, x, y), value_and_grads(torch.compile(fn, fullgraph=True), x, y)
+            assert_all_close(comp, eager, rtol=1e-6, atol=1e-7)
 
 
 # ---- exact W2 ----
@@ -401,8 +487,12 @@ BAD = [
     (lambda: F.mmd(X, Y, kernel="poly", degree=0), ValueError, "degree"),
     (lambda: F.mmd(X, Y, bandwidth=-1.0), ValueError, "bandwidth"),
     (lambda: F.mmd(X.long(), Y), ValueError, "floating-point"),
-    (lambda: torch.ops.kdops.mmd(X, Y[:, :2], "rbf", 1.0, 1.0, 3, 0.0), RuntimeError, "same feature dim"),
-    (lambda: torch.ops.kdops.mmd(X, Y, "cosine", 1.0, 1.0, 3, 0.0), RuntimeError, "kernel must be"),
+    (lambda: F.mmd(X, Y, save_blocks="yes"), ValueError, "save_blocks must be None, True or False"),
+    (lambda: torch.ops.kdops.mmd(X, Y[:, :2], "rbf", 1.0, 1.0, 3, 0.0, 0), RuntimeError, "same feature dim"),
+    (lambda: torch.ops.kdops.mmd(X, Y, "cosine", 1.0, 1.0, 3, 0.0, 0), RuntimeError, "kernel must be"),
+    (lambda: torch.ops.kdops.mmd(X, Y, "rbf", 1.0, 1.0, 3, 0.0, 4), RuntimeError, "save_weights must be 0"),
+    (lambda: torch.ops.kdops.mmd_backward(torch.tensor(1.0), X, Y, torch.tensor(1.0), torch.zeros(5), 3, "rbf", 1.0,
+                                          1.0, 3, True, True), RuntimeError, "buffer of 148 elements"),
     (lambda: F.class_conditional_wasserstein(X, X, torch.zeros(7, dtype=torch.long)), ValueError,
      r"labels must have shape \(n,\) = \(8,\)"),
     (lambda: F.class_conditional_wasserstein(X, X, torch.zeros(8)), ValueError, "integer tensor"),

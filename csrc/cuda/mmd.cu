@@ -71,6 +71,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernel sum of mmd_row_sum_kernel and the weights of mmd_row_weights_kernel (without the incoming
+// gradient) in one pass: the forward that keeps the backward's weight matrices.
+template <typename acc_t, typename K>
+__global__ void __launch_bounds__(kThreads)
+    mmd_row_sum_weights_kernel(K, acc_t* __restrict__ g, const acc_t* __restrict__ a, const acc_t* __restrict__ b,
+                               int64_t cols, bool symmetric, KernelParams<acc_t> p, const acc_t* __restrict__ sigma,
+                               acc_t coef, acc_t* __restrict__ partials) {
+  using Reduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int64_t i = blockIdx.x;
+  const acc_t ai = a[i];
+  const acc_t inv2s2 = p.kind == distribution::kRbf ? distribution::rbf_inv_two_sigma2(sigma[0]) : acc_t(0);
+  acc_t* row = g + i * cols;
+  const int64_t diag = symmetric ? i : -1;
+  acc_t sum = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const acc_t d2 = distribution::sq_dist(row[j], ai, b[j], j == diag);
+    acc_t beta;
+    sum += K::value_beta(p, row[j], d2, inv2s2, beta);
+    row[j] = coef * beta;
+  }
+  sum = Reduce(tmp).Sum(sum);
+  if (threadIdx.x == 0) partials[i] = sum;
+}
+
 void check_rows(int64_t rows) {
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "kdops.mmd: too many points: ", rows);
 }
@@ -102,6 +127,24 @@ struct CudaBlocks {
     return partials.sum();
   }
 
+  static at::Tensor block_sum_weights(at::Tensor& G, const at::Tensor& a, const at::Tensor& b, bool symmetric,
+                                      const KernelParams<double>& params, const at::Tensor& sigma, double coef) {
+    const int64_t rows = G.size(0), cols = G.size(1);
+    check_rows(rows);
+    at::Tensor partials = at::empty({rows}, G.options());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "mmd_block_sum_weights_cuda", [&] {
+      const KernelParams<scalar_t> p = cast_params<scalar_t>(params);
+      distribution::dispatch_kernel(p, [&](auto kern) {
+        mmd_row_sum_weights_kernel<scalar_t><<<unsigned(rows), kThreads, 0, stream>>>(
+            kern, G.mutable_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), cols,
+            symmetric, p, sigma.const_data_ptr<scalar_t>(), scalar_t(coef), partials.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return partials.sum();
+  }
+
   static void block_weights(at::Tensor& G, const at::Tensor& a, const at::Tensor& b, bool symmetric,
                             const KernelParams<double>& params, const at::Tensor& sigma, const at::Tensor& grad,
                             double coef) {
@@ -120,18 +163,21 @@ struct CudaBlocks {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> mmd_cuda(const at::Tensor& x, const at::Tensor& y, std::string_view kernel,
-                                            double gamma, double coef0, int64_t degree, double bandwidth) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                        std::string_view kernel, double gamma, double coef0,
+                                                        int64_t degree, double bandwidth, int64_t save_weights) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return distribution::mmd_forward<CudaBlocks>(x, y, std::string(kernel), gamma, coef0, degree, bandwidth);
+  return distribution::mmd_forward<CudaBlocks>(x, y, std::string(kernel), gamma, coef0, degree, bandwidth,
+                                               save_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor> mmd_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                                                     const at::Tensor& sigma, std::string_view kernel, double gamma,
+                                                     const at::Tensor& sigma, const at::Tensor& weights,
+                                                     int64_t saved_weights, std::string_view kernel, double gamma,
                                                      double coef0, int64_t degree, bool x_grad, bool y_grad) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return distribution::mmd_backward<CudaBlocks>(grad, x, y, sigma, std::string(kernel), gamma, coef0, degree, x_grad,
-                                                y_grad);
+  return distribution::mmd_backward<CudaBlocks>(grad, x, y, sigma, weights, saved_weights, std::string(kernel), gamma,
+                                                coef0, degree, x_grad, y_grad);
 }
 
 }  // namespace

@@ -2,15 +2,19 @@
 // of the fused per-device passes. `Dev` supplies the two fused kernels over one Gram block G (rows x cols):
 //   Dev::block_sum(G, a, b, symmetric, mode, params, sigma) -> 0-dim sum over the block of
 //       sqrt(d2) (mode kSumDistance) or k (mode kSumKernel), in G's dtype;
-//   Dev::block_weights(G, a, b, symmetric, params, sigma, grad, coef): G <- coef * grad * beta, in place.
+//   Dev::block_weights(G, a, b, symmetric, params, sigma, grad, coef): G <- coef * grad * beta, in place;
+//   Dev::block_sum_weights(G, a, b, symmetric, params, sigma, coef) -> the kernel sum, and G <- coef * beta in
+//       place: the forward that keeps the backward's weight matrices instead of leaving them to be recomputed.
 // a, b are the squared row norms; sigma and grad are 0-dim tensors read by the kernels (no host sync on CUDA).
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
@@ -65,20 +69,65 @@ inline MmdCall prepare_mmd(const at::Tensor& x, const at::Tensor& y, const std::
   return c;
 }
 
+// What the forward keeps for the backward (save_weights, a bit set): the weight matrices for x's gradient
+// (W_xx and W_xy) and / or for y's (W_yy and W_xy). They are one buffer [W_xy | W_xx | W_yy], row-major
+// blocks of coef * beta without the incoming gradient, holding only the blocks asked for.
+enum SaveWeights : int64_t { kSaveNone = 0, kSaveForX = 1, kSaveForY = 2 };
+
+inline int64_t weight_numel(int64_t n, int64_t m, int64_t save) {
+  if (save == kSaveNone) return 0;
+  return n * m + ((save & kSaveForX) ? n * n : 0) + ((save & kSaveForY) ? m * m : 0);
+}
+
+// The blocks (W_xx, W_yy, W_xy) of the buffer; undefined where not kept.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_blocks(const at::Tensor& w, int64_t n, int64_t m,
+                                                                    int64_t save) {
+  at::Tensor wxx, wyy, wxy;
+  if (save == kSaveNone) return {wxx, wyy, wxy};
+  int64_t at = 0;
+  wxy = w.narrow(0, at, n * m).view({n, m});
+  at += n * m;
+  if (save & kSaveForX) {
+    wxx = w.narrow(0, at, n * n).view({n, n});
+    at += n * n;
+  }
+  if (save & kSaveForY) wyy = w.narrow(0, at, m * m).view({m, m});
+  return {wxx, wyy, wxy};
+}
+
 template <class Dev>
-std::tuple<at::Tensor, at::Tensor> mmd_forward(const at::Tensor& x_in, const at::Tensor& y_in,
-                                               const std::string& kernel, double gamma, double coef0, int64_t degree,
-                                               double bandwidth) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_forward(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                           const std::string& kernel, double gamma, double coef0,
+                                                           int64_t degree, double bandwidth, int64_t save_weights) {
   const MmdCall c = prepare_mmd(x_in, y_in, kernel, gamma, coef0, degree);
+  TORCH_CHECK(save_weights >= kSaveNone && save_weights <= (kSaveForX | kSaveForY),
+              "kdops.mmd: save_weights must be 0 (none), 1 (for x), 2 (for y) or 3 (both), got ", save_weights);
   const at::Tensor &x = c.x, &y = c.y;
   if (c.params.kind == kLinear) {
     // The linear-kernel MMD is |mean x - mean y|^2 exactly: O((n + m) d), and without the cancellation of
-    // summing Gram blocks.
+    // summing Gram blocks. Its gradient needs no weights.
     const at::Tensor diff = x.mean(0) - y.mean(0);
-    return {diff.dot(diff), at::zeros({}, x.options())};
+    return {diff.dot(diff), at::zeros({}, x.options()), at::empty({0}, x.options())};
   }
   const at::Tensor a = (x * x).sum(1), b = (y * y).sum(1);
   const double n = double(c.n), m = double(c.m);
+  // Each block's weight in the loss. A point of x meets W_xx's row and column, so W_xx = 2 sxx beta; W_xy =
+  // sxy beta.
+  const double sxx = 1.0 / (n * n), syy = 1.0 / (m * m), sxy = -2.0 / (n * m);
+  const at::Tensor w = at::empty({weight_numel(c.n, c.m, save_weights)}, x.options());
+  at::Tensor wxx, wyy, wxy;
+  std::tie(wxx, wyy, wxy) = weight_blocks(w, c.n, c.m, save_weights);
+  // p q^T, into its block of the saved weights when that block is kept.
+  const auto gram = [&](const at::Tensor& p, const at::Tensor& q, at::Tensor& dest) {
+    return dest.defined() ? at::mm_out(dest, p, q.t()) : at::mm(p, q.t());
+  };
+  // Kernel sum of one Gram block times its weight; a kept block becomes its W in the same pass.
+  const auto reduce = [&](at::Tensor G, const at::Tensor& np, const at::Tensor& nq, bool sym, double scale,
+                          const at::Tensor& sigma, bool keep) {
+    return keep ? Dev::block_sum_weights(G, np, nq, sym, c.params, sigma, sym ? 2.0 * scale : scale) * scale
+                : Dev::block_sum(G, np, nq, sym, kSumKernel, c.params, sigma) * scale;
+  };
+  const bool kxx = wxx.defined(), kyy = wyy.defined(), kxy = wxy.defined();
   at::Tensor sigma;
   if (c.params.kind != kRbf) {
     sigma = at::zeros({}, x.options());
@@ -86,38 +135,45 @@ std::tuple<at::Tensor, at::Tensor> mmd_forward(const at::Tensor& x_in, const at:
     sigma = at::full({}, bandwidth, x.options());
   }
   if (sigma.defined()) {
-    // One Gram block alive at a time: each is reduced and freed before the next GEMM.
-    const auto block = [&](const at::Tensor& p, const at::Tensor& q, const at::Tensor& np, const at::Tensor& nq,
-                           bool sym) {
-      return Dev::block_sum(at::mm(p, q.t()), np, nq, sym, kSumKernel, c.params, sigma);
-    };
-    at::Tensor loss = block(x, x, a, a, true) / (n * n);
-    loss = loss + block(y, y, b, b, true) / (m * m);
-    return {loss - block(x, y, a, b, false) * (2.0 / (n * m)), sigma};
+    // Of the blocks not kept, one is alive at a time: each is reduced and freed before the next GEMM.
+    at::Tensor loss = reduce(gram(x, x, wxx), a, a, true, sxx, sigma, kxx);
+    loss = loss + reduce(gram(y, y, wyy), b, b, true, syy, sigma, kyy);
+    return {loss + reduce(gram(x, y, wxy), a, b, false, sxy, sigma, kxy), sigma, w};
   }
   // The automatic bandwidth needs every distance before any kernel value: the three blocks are kept.
-  const at::Tensor gxx = at::mm(x, x.t()), gyy = at::mm(y, y.t()), gxy = at::mm(x, y.t());
+  const at::Tensor gxx = gram(x, x, wxx), gyy = gram(y, y, wyy), gxy = gram(x, y, wxy);
   const double N = n + m;
   const at::Tensor s = Dev::block_sum(gxx, a, a, true, kSumDistance, c.params, sigma) +
                        Dev::block_sum(gyy, b, b, true, kSumDistance, c.params, sigma) +
                        2.0 * Dev::block_sum(gxy, a, b, false, kSumDistance, c.params, sigma);
   sigma = s / (N * N - N);
-  const at::Tensor loss = Dev::block_sum(gxx, a, a, true, kSumKernel, c.params, sigma) / (n * n) +
-                          Dev::block_sum(gyy, b, b, true, kSumKernel, c.params, sigma) / (m * m) -
-                          Dev::block_sum(gxy, a, b, false, kSumKernel, c.params, sigma) * (2.0 / (n * m));
-  return {loss, sigma};
+  const at::Tensor loss = reduce(gxx, a, a, true, sxx, sigma, kxx) + reduce(gyy, b, b, true, syy, sigma, kyy) +
+                          reduce(gxy, a, b, false, sxy, sigma, kxy);
+  return {loss, sigma, w};
 }
 
 // grad_x = (r_xx + r_xy) * x + W_xx x + W_xy y and grad_y = (r_yy + c_xy) * y + W_yy y + W_xy^T x, with W the
-// per-block weight matrices coef * grad * beta (written over the recomputed Gram blocks) and r / c their
-// negated row / column sums for rbf (alpha = -beta), 0 for the dot-product kernels.
+// per-block weight matrices coef * grad * beta and r / c their negated row / column sums for rbf
+// (alpha = -beta), 0 for the dot-product kernels. W comes from the forward's saved weights (times grad, applied
+// to the products) or, for the blocks not saved (all of them with saved_weights 0), from Gram blocks
+// recomputed here.
 template <class Dev>
 std::tuple<at::Tensor, at::Tensor> mmd_backward(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& y_in,
-                                                const at::Tensor& sigma_in, const std::string& kernel, double gamma,
+                                                const at::Tensor& sigma_in, const at::Tensor& weights,
+                                                int64_t saved_weights, const std::string& kernel, double gamma,
                                                 double coef0, int64_t degree, bool x_grad, bool y_grad) {
   const MmdCall c = prepare_mmd(x_in, y_in, kernel, gamma, coef0, degree);
   const at::Tensor &x = c.x, &y = c.y;
   TORCH_CHECK(grad.numel() == 1 && sigma_in.numel() == 1, "kdops.mmd_backward: grad and sigma must be scalars");
+  const int64_t save = c.params.kind == kLinear ? kSaveNone : saved_weights;
+  TORCH_CHECK(save >= kSaveNone && save <= (kSaveForX | kSaveForY),
+              "kdops.mmd_backward: saved_weights must be 0, 1, 2 or 3 (the forward's save_weights), got ", save);
+  const bool saved = save != kSaveNone;
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == weight_numel(c.n, c.m, save) &&
+                  (!saved || (weights.scalar_type() == x.scalar_type() && weights.device() == x.device())),
+              "kdops.mmd_backward: weights must be the forward's ", x.scalar_type(), " buffer of ",
+              weight_numel(c.n, c.m, save), " elements for saved_weights = ", save, ", got ", weights.scalar_type(),
+              " ", weights.sizes());
   const at::Tensor g = grad.to(x.scalar_type()).reshape({}).contiguous();
   const at::Tensor sigma = sigma_in.to(x.scalar_type()).reshape({}).contiguous();
   const double n = double(c.n), m = double(c.m);
@@ -128,21 +184,32 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward(const at::Tensor& grad, const at
     if (y_grad) gy = (diff / -m).expand({c.m, y.size(1)}).to(c.in_type);
   } else {
     const bool rbf = c.params.kind == kRbf;
+    // Saved weights carry no grad: it scales the products. A block that was not saved is recomputed, carrying
+    // grad itself when nothing was saved, else a unit grad so that it matches the saved ones.
+    const at::Tensor block_grad = saved ? at::ones({}, x.options()) : g;
     const at::Tensor a = (x * x).sum(1), b = (y * y).sum(1);
-    at::Tensor wxy = at::mm(x, y.t());
-    Dev::block_weights(wxy, a, b, false, c.params, sigma, g, -2.0 / (n * m));
+    const auto recompute = [&](const at::Tensor& p, const at::Tensor& q, const at::Tensor& np, const at::Tensor& nq,
+                               bool sym, double coef) {
+      at::Tensor w = at::mm(p, q.t());
+      Dev::block_weights(w, np, nq, sym, c.params, sigma, block_grad, coef);
+      return w;
+    };
+    at::Tensor wxx, wyy, wxy;
+    std::tie(wxx, wyy, wxy) = weight_blocks(weights.contiguous(), c.n, c.m, save);
+    if (!wxy.defined()) wxy = recompute(x, y, a, b, false, -2.0 / (n * m));
     if (x_grad) {
-      at::Tensor wxx = at::mm(x, x.t());
-      Dev::block_weights(wxx, a, a, true, c.params, sigma, g, 2.0 / (n * n));
+      if (!wxx.defined()) wxx = recompute(x, x, a, a, true, 2.0 / (n * n));
       gx = at::mm(wxx, x).addmm_(wxy, y);
       if (rbf) gx.sub_((wxx.sum(1) + wxy.sum(1)).unsqueeze(1) * x);
+      if (saved) gx.mul_(g);
+      wxx.reset();  // a recomputed W_xx is freed before W_yy is made
       gx = gx.to(c.in_type);
     }
     if (y_grad) {
-      at::Tensor wyy = at::mm(y, y.t());
-      Dev::block_weights(wyy, b, b, true, c.params, sigma, g, 2.0 / (m * m));
+      if (!wyy.defined()) wyy = recompute(y, y, b, b, true, 2.0 / (m * m));
       gy = at::mm(wyy, y).addmm_(wxy.t(), x);
       if (rbf) gy.sub_((wyy.sum(1) + wxy.sum(0)).unsqueeze(1) * y);
+      if (saved) gy.mul_(g);
       gy = gy.to(c.in_type);
     }
   }

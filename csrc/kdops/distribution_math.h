@@ -81,6 +81,20 @@ struct Kernel {
     if (Kind == kPoly) return acc_t(degree(p.degree)) * p.gamma * pow_(p.gamma * g + p.coef0, degree(p.degree) - 1);
     return acc_t(1);
   }
+
+  // value() and beta() together, for the forward pass that also keeps the backward's weights; the results
+  // are bit for bit those of the two calls (rbf shares its exponential).
+  template <typename acc_t>
+  static KDOPS_HOST_DEVICE acc_t value_beta(const KernelParams<acc_t>& p, acc_t g, acc_t d2, acc_t inv2s2,
+                                            acc_t& beta_out) {
+    if (Kind == kRbf) {
+      const acc_t e = exp_(-d2 * inv2s2);
+      beta_out = acc_t(2) * inv2s2 * e;
+      return e;
+    }
+    beta_out = beta(p, g, d2, inv2s2);
+    return value(p, g, d2, inv2s2);
+  }
 };
 
 // Calls fn(Kernel<...>{}) for the kernel kind and degree of p: degrees 1-4 as constants, up to 7 with a 3-bit
