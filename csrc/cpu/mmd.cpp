@@ -67,6 +67,19 @@ KDOPS_CPU_CLONES acc_t row_sum_weights(K, acc_t* g, acc_t a, const acc_t* b, int
   return sum;
 }
 
+// Sum over rows of row_value(i) (an acc_t per-row sum), the rows added in double: one long fp32 sum over n^2
+// terms would drift.
+template <typename RowValue>
+double sum_rows(int64_t rows, int64_t cols, const RowValue& row_value) {
+  return at::parallel_reduce(
+      int64_t(0), rows, row_grain(cols), 0.0,
+      [&](int64_t r0, int64_t r1, double partial) {
+        for (int64_t i = r0; i < r1; ++i) partial += double(row_value(i));
+        return partial;
+      },
+      [](double u, double v) { return u + v; });
+}
+
 struct CpuBlocks {
   static at::Tensor block_sum(const at::Tensor& G, const at::Tensor& a, const at::Tensor& b, bool symmetric,
                               int mode, const KernelParams<double>& params, const at::Tensor& sigma) {
@@ -81,22 +94,13 @@ struct CpuBlocks {
       const acc_t* gp = G.const_data_ptr<acc_t>();
       const acc_t* ap = a.const_data_ptr<acc_t>();
       const acc_t* bp = b.const_data_ptr<acc_t>();
-      // Per-row sums in acc_t, rows summed in double: one long fp32 sum over n^2 terms would drift.
       distribution::dispatch_kernel(p, [&](auto kern) {
-        total = at::parallel_reduce(
-            int64_t(0), rows, row_grain(cols), 0.0,
-            [&](int64_t r0, int64_t r1, double partial) {
-              for (int64_t i = r0; i < r1; ++i) {
-                const int64_t diag = symmetric ? i : -1;
-                partial += mode == distribution::kSumDistance
-                               ? double(row_sum<acc_t, distribution::kSumDistance>(kern, gp + i * cols, ap[i], bp,
-                                                                                   cols, diag, p, inv2s2))
-                               : double(row_sum<acc_t, distribution::kSumKernel>(kern, gp + i * cols, ap[i], bp,
-                                                                                 cols, diag, p, inv2s2));
-              }
-              return partial;
-            },
-            [](double u, double v) { return u + v; });
+        total = sum_rows(rows, cols, [&](int64_t i) {
+          const int64_t diag = symmetric ? i : -1;
+          return mode == distribution::kSumDistance
+                     ? row_sum<acc_t, distribution::kSumDistance>(kern, gp + i * cols, ap[i], bp, cols, diag, p, inv2s2)
+                     : row_sum<acc_t, distribution::kSumKernel>(kern, gp + i * cols, ap[i], bp, cols, diag, p, inv2s2);
+        });
       });
     });
     return at::full({}, total, G.options());
@@ -115,16 +119,10 @@ struct CpuBlocks {
       const acc_t* ap = a.const_data_ptr<acc_t>();
       const acc_t* bp = b.const_data_ptr<acc_t>();
       distribution::dispatch_kernel(p, [&](auto kern) {
-        total = at::parallel_reduce(
-            int64_t(0), rows, row_grain(cols), 0.0,
-            [&](int64_t r0, int64_t r1, double partial) {
-              for (int64_t i = r0; i < r1; ++i) {
-                partial += double(row_sum_weights<acc_t>(kern, gp + i * cols, ap[i], bp, cols, symmetric ? i : -1,
-                                                         p, inv2s2, acc_t(coef)));
-              }
-              return partial;
-            },
-            [](double u, double v) { return u + v; });
+        total = sum_rows(rows, cols, [&](int64_t i) {
+          return row_sum_weights<acc_t>(kern, gp + i * cols, ap[i], bp, cols, symmetric ? i : -1, p, inv2s2,
+                                        acc_t(coef));
+        });
       });
     });
     return at::full({}, total, G.options());
