@@ -259,6 +259,8 @@ def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3, sav
         raise ValueError("mmd: degree must be an integer >= 1, got %r" % (degree,))
     if save_blocks not in (None, True, False):
         raise ValueError("mmd: save_blocks must be None, True or False, got %r" % (save_blocks,))
+    if save_blocks is not None:
+        save_blocks = bool(save_blocks)  # 0 / 1 compare equal to False / True
     save = 0  # kdops::mmd's save_weights: 1 for x's gradient, 2 for y's
     if kernel != "linear" and save_blocks is not False and torch.is_grad_enabled():
         save = (1 if x.requires_grad else 0) | (2 if y.requires_grad else 0)

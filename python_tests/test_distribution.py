@@ -179,6 +179,7 @@ def test_mmd_save_blocks_default_follows_the_size_limit(monkeypatch):
     assert blocks + 20 * 20 in _saved_numels(lambda: F.mmd(x, y.requires_grad_(), kernel="poly"))
     y.requires_grad_(False)
     assert blocks not in _saved_numels(lambda: F.mmd(x, y, kernel="poly", save_blocks=False))
+    assert blocks not in _saved_numels(lambda: F.mmd(x, y, kernel="poly", save_blocks=0))
     monkeypatch.setattr(D, "MMD_SAVE_LIMIT_BYTES", blocks * 4 - 1)
     assert blocks not in _saved_numels(lambda: F.mmd(x, y, kernel="rbf"))
     assert blocks in _saved_numels(lambda: F.mmd(x, y, kernel="rbf", save_blocks=True))
