@@ -294,9 +294,18 @@ def at_loss(student, teacher, p=2, mode="code"):
 def nst_loss(student, teacher):
     """Neural selectivity transfer (Huang & Wang): per sample the channels (L2-normalised over HW) are the points,
     polynomial kernel k(x, y) = (x.y)^2; L = mean k(T, T) + mean k(S, S) - 2 mean k(S, T), means over channel
-    pairs then over the batch. Batched GEMMs (b, C, C'), never the b.C.C'.HW broadcast."""
+    pairs then over the batch. Batched GEMMs, never the b.C.C'.HW broadcast.
+
+    The degree-2 kernel is linear in outer products: sum_ij (s_i . t_j)^2 = <S^T S, T^T T>_F, so the three means
+    are one squared norm, |S^T S / C_s - T^T T / C_t|_F^2, of (b, HW, HW) Grams. That form is used when it is
+    the cheaper one, HW (C_s + C_t) < C_s^2 + C_t^2 + C_s C_t (small late-stage maps, many channels: at
+    64 x 256 x 8 x 8 its Grams are 1/16 of the channel ones), the (b, C, C') Grams otherwise."""
     s, t = _maps("nst_loss", student, teacher)
     s, t = F.normalize(s, dim=2, eps=_TINY), F.normalize(t, dim=2, eps=_TINY)
+    cs, ct, hw = s.shape[1], t.shape[1], s.shape[2]
+    if hw * (cs + ct) < cs * cs + ct * ct + cs * ct:
+        diff = _self_gram(s.transpose(1, 2)) / cs - _self_gram(t.transpose(1, 2)) / ct
+        return diff.pow(2).sum((1, 2)).mean()
     k_tt = (t @ t.transpose(1, 2)).pow(2).mean((1, 2))
     k_ss = (s @ s.transpose(1, 2)).pow(2).mean((1, 2))
     k_st = (s @ t.transpose(1, 2)).pow(2).mean((1, 2))

@@ -67,6 +67,18 @@ def test_map_inputs_match_reference(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", [((4, 16, 2, 2), (4, 24, 2, 2)), ((4, 3, 5, 5), (4, 4, 5, 5)),
+                                    ((3, 6, 3, 2), (3, 6, 3, 2))],
+                         ids=["hw-gram", "channel-gram", "hw-gram-equal-channels"])
+def test_nst_both_forms_match_reference(device, shapes):
+    # HW (C_s + C_t) below / above C_s^2 + C_t^2 + C_s C_t picks the (b, HW, HW) or the (b, C, C') Grams;
+    # 6 x (6 + 6) = 72 < 108 takes the HW form with equal channels
+    s = torch.randn(*shapes[0], dtype=torch.float64, device=device)
+    t = torch.randn(*shapes[1], dtype=torch.float64, device=device)
+    assert_parity("nst_loss", s, t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_at_paper_mode_and_fsp_match_reference(device):
     s = torch.randn(5, 6, 4, 4, dtype=torch.float64, device=device)
     t = torch.randn(5, 3, 4, 4, dtype=torch.float64, device=device)
