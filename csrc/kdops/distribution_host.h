@@ -186,19 +186,23 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward(const at::Tensor& grad, const at
     const bool rbf = c.params.kind == kRbf;
     // Saved weights carry no grad: it scales the products. A block that was not saved is recomputed, carrying
     // grad itself when nothing was saved, else a unit grad so that it matches the saved ones.
-    const at::Tensor block_grad = saved ? at::ones({}, x.options()) : g;
-    const at::Tensor a = (x * x).sum(1), b = (y * y).sum(1);
-    const auto recompute = [&](const at::Tensor& p, const at::Tensor& q, const at::Tensor& np, const at::Tensor& nq,
-                               bool sym, double coef) {
-      at::Tensor w = at::mm(p, q.t());
-      Dev::block_weights(w, np, nq, sym, c.params, sigma, block_grad, coef);
+    // The squared norms and that grad are made only if a block is recomputed.
+    at::Tensor a, b, block_grad;
+    const auto recompute = [&](bool px, bool qx, bool sym, double coef) {
+      if (!a.defined()) {
+        a = (x * x).sum(1);
+        b = (y * y).sum(1);
+        block_grad = saved ? at::ones({}, x.options()) : g;
+      }
+      at::Tensor w = at::mm(px ? x : y, (qx ? x : y).t());
+      Dev::block_weights(w, px ? a : b, qx ? a : b, sym, c.params, sigma, block_grad, coef);
       return w;
     };
     at::Tensor wxx, wyy, wxy;
     std::tie(wxx, wyy, wxy) = weight_blocks(weights.contiguous(), c.n, c.m, save);
-    if (!wxy.defined()) wxy = recompute(x, y, a, b, false, -2.0 / (n * m));
+    if (!wxy.defined()) wxy = recompute(true, false, false, -2.0 / (n * m));
     if (x_grad) {
-      if (!wxx.defined()) wxx = recompute(x, x, a, a, true, 2.0 / (n * n));
+      if (!wxx.defined()) wxx = recompute(true, true, true, 2.0 / (n * n));
       gx = at::mm(wxx, x).addmm_(wxy, y);
       if (rbf) gx.sub_((wxx.sum(1) + wxy.sum(1)).unsqueeze(1) * x);
       if (saved) gx.mul_(g);
@@ -206,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward(const at::Tensor& grad, const at
       gx = gx.to(c.in_type);
     }
     if (y_grad) {
-      if (!wyy.defined()) wyy = recompute(y, y, b, b, true, 2.0 / (m * m));
+      if (!wyy.defined()) wyy = recompute(false, false, true, 2.0 / (m * m));
       gy = at::mm(wyy, y).addmm_(wxy.t(), x);
       if (rbf) gy.sub_((wyy.sum(1) + wxy.sum(0)).unsqueeze(1) * y);
       if (saved) gy.mul_(g);
