@@ -32,7 +32,7 @@ $(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)
 build: $(STAMP_BUILD)
 
 demo: $(STAMP_BUILD)
-	$(PY) -m kdops.demo
+	$(PY) -m kdops.train.demo
 
 test: $(STAMP_BUILD)
 	$(PY) -m pytest python_tests -q

@@ -1,6 +1,9 @@
-// The Python module kdops._C. Ops live in torch.ops.kdops; this module only has to load, and tells
-// kdops how it was built so that a mismatch with the running torch gives one readable error.
+// The Python module kdops._C and the kdops op library. Ops live in torch.ops.kdops: each family adds its schemas
+// in csrc/ops_<family>.cpp (a TORCH_LIBRARY_FRAGMENT), its kernels in csrc/cpu and csrc/cuda, and its autograd
+// and fake kernels in kdops/_ops/<family>.py. This module only has to load, and tells kdops how it was built
+// so that a mismatch with the running torch gives one readable error.
 #include <Python.h>
+#include <torch/library.h>
 
 #include "kdops_build_info.h"
 
@@ -13,6 +16,8 @@
 #ifndef KDOPS_WITH_CUDA
 #define KDOPS_WITH_CUDA 0
 #endif
+
+TORCH_LIBRARY(kdops, m) {}
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "kdops compiled kernels (see torch.ops.kdops)", -1, nullptr};

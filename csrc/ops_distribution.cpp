@@ -1,5 +1,5 @@
 // Schemas of the distribution-matching ops (KD2M's metric family). Only MMD is a fused kernel: the exact,
-// Gaussian and class-conditional losses are compositions of ATen ops and POT (kdops/distribution.py).
+// Gaussian and class-conditional losses are compositions of ATen ops and POT (kdops/functional/distribution.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(kdops, m) {

@@ -1,7 +1,7 @@
-"""``python -m kdops`` is the trainer's command line (see :mod:`kdops.train`)."""
+"""``python -m kdops`` is the trainer's command line, the same as ``python -m kdops.train``."""
 
 import sys
 
-from kdops.train import main
+from kdops.train.cli import main
 
 sys.exit(main())

@@ -172,7 +172,7 @@ def _saved_numels(fn):
 
 
 def test_mmd_save_blocks_default_follows_the_size_limit(monkeypatch):
-    from kdops import distribution as D
+    from kdops.functional import distribution as D
     x, y = cloud(30, 8).requires_grad_(), cloud(20, 8)
     blocks = 30 * 20 + 30 * 30  # W_xy and W_xx: y (a frozen teacher) needs no W_yy
     assert blocks in _saved_numels(lambda: F.mmd(x, y, kernel="poly"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from kdops import _ops as kdops_ops
+from kdops._ops import feature as kdops_ops
 from kdops import functional as F
 from kdops import reference as R
 

@@ -15,7 +15,7 @@ from conftest import DEVICES
 from kdops import functional as F
 from kdops import nn as knn
 from kdops import reference as R
-from kdops import relational
+from kdops.functional import relational
 
 BATCH_LOSSES = ["fkd_loss", "sp_loss", "rkd_distance_loss", "rkd_angle_loss", "pkt_loss", "cc_loss"]
 MAP_LOSSES = ["at_loss", "nst_loss"]

@@ -9,8 +9,8 @@ import torch
 
 import fake_data
 from conftest import needs_cuda, read_metrics
-from kdops import data, methods, models, train
-from kdops.runlog import load_checkpoint
+from kdops.train import cli, data, methods, models
+from kdops.train.runlog import load_checkpoint
 
 FIELDS = {"epoch", "lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_loss", "test_acc", "epoch_time",
           "samples"}
@@ -18,7 +18,7 @@ TINY = ["--train-subset", "256", "--test-subset", "128", "--batch-size", "32", "
 
 
 def run(*argv):
-    assert train.main([str(a) for a in argv]) == 0
+    assert cli.main([str(a) for a in argv]) == 0
 
 
 metrics = read_metrics
@@ -182,11 +182,11 @@ def test_cross_dataset_transfer_with_feature_methods_only(tmp_path, capsys):
         "--model", "cnn-s", "--out", out, *common)
     assert len(metrics(out)) == 1
     capsys.readouterr()
-    assert train.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "kd", "--teacher", t_out,
+    assert cli.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "kd", "--teacher", t_out,
                                         "--teacher-dataset", "cifar100", "--out", str(tmp_path / "kd"), *common]]) == 2
     err = capsys.readouterr().err
     assert "label space" in err and "100 classes of cifar100" in err and err.count("\n") == 1
-    assert train.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "logsum", "--teacher", t_out,
+    assert cli.main([str(a) for a in ["distill", "--dataset", "cifar10", "--method", "logsum", "--teacher", t_out,
                                         "--out", str(tmp_path / "x"), *common]]) == 2
     assert "--teacher-dataset cifar100" in capsys.readouterr().err
 
@@ -228,14 +228,14 @@ BAD = [
 @pytest.mark.parametrize("argv, message", BAD)
 def test_bad_input_is_one_line_and_exit_2(teacher, tmp_path, capsys, argv, message):
     argv = [a.format(teacher=teacher, tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "o"), "--no-progress"]
-    assert train.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("kdops: error:")
 
 
 def test_argparse_errors_are_one_line_too(capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(["teacher", "--epochs", "two", "--out", "x"])
+        cli.main(["teacher", "--epochs", "two", "--out", "x"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid int value: 'two'" in err and err.count("\n") == 1
@@ -244,9 +244,9 @@ def test_argparse_errors_are_one_line_too(capsys):
 def test_existing_run_needs_resume(teacher, tmp_path, capsys):
     out = str(tmp_path / "again")
     run("distill", "--method", "none", "--epochs", 1, "--out", out, *TINY)
-    assert train.main(["distill", "--method", "none", "--epochs", "1", "--out", out] + TINY) == 2
+    assert cli.main(["distill", "--method", "none", "--epochs", "1", "--out", out] + TINY) == 2
     assert "pass --resume" in capsys.readouterr().err
-    assert train.main(["distill", "--method", "none", "--epochs", "1", "--out", out, "--resume", "--lr", "0.1"]
+    assert cli.main(["distill", "--method", "none", "--epochs", "1", "--out", out, "--resume", "--lr", "0.1"]
                       + TINY) == 2
     assert "used different lr" in capsys.readouterr().err
 

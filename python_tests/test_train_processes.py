@@ -12,8 +12,8 @@ import pytest
 from conftest import read_metrics
 import torch
 
-from kdops import train
-from kdops.runlog import load_checkpoint
+from kdops.train import cli
+from kdops.train.runlog import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ metrics = read_metrics
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("teacher"))
-    assert train.main(["teacher", "--model", "cnn-m", "--epochs", "2", "--out", out, "--threads", "1",
+    assert cli.main(["teacher", "--model", "cnn-m", "--epochs", "2", "--out", out, "--threads", "1",
                        "--no-progress"]) == 0
     return out
 
@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(teacher, tmp_path):
     assert rows[:done] == before  # completed epochs kept as they were
 
     full = str(tmp_path / "full")
-    assert train.main([*args, "--out", full]) == 0
+    assert cli.main([*args, "--out", full]) == 0
     a, b = load_checkpoint(full)["model_state"], load_checkpoint(killed)["model_state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "epoch_time"} for r in rs]  # noqa: E731
@@ -82,7 +82,7 @@ def test_ddp_two_processes_match_one(teacher, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("epoch 2/2") == 1  # only rank 0 logs
     single = str(tmp_path / "single")
-    assert train.main([*args, "--out", single]) == 0
+    assert cli.main([*args, "--out", single]) == 0
     a, b = load_checkpoint(single), load_checkpoint(ddp)
     for k in a["model_state"]:
         torch.testing.assert_close(b["model_state"][k], a["model_state"][k], rtol=1e-4, atol=1e-5)
@@ -98,7 +98,7 @@ RELATIONAL = """
 import sys
 import torch
 from torch.distributed.nn.functional import all_gather
-from kdops import methods, train
+from kdops.train import cli, methods
 
 
 def gram_loss(fs, ft, gather_distributed=False):
@@ -112,7 +112,7 @@ def gram_loss(fs, ft, gather_distributed=False):
 
 methods.register(methods.Method("gram", needs=("pooled",), build=methods.pair_term(gram_loss), distributed=True,
                                 defaults={"loss_weight": 100.0}))
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 

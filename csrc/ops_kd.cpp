@@ -1,0 +1,22 @@
+// Schemas of the KD family's op (KD, reverse KL, JSD, DKD), forward and backward. Kernels register per device in
+// csrc/cpu and csrc/cuda; autograd and fake (meta) kernels are registered from Python (kdops/_ops/kd.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(kdops, m) {
+  // Row-wise divergence between softmax(student / T) and softmax(teacher / T) over the last dim.
+  // Returns (scale * per-row value, per-row stats for the backward). divergence: kl | reverse_kl | jsd | dkd.
+  // `scale` folds a reduction's constant factor (T^2 / rows for batchmean) into the kernel.
+  m.def(
+      "kd_div(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, float alpha, "
+      "float beta, int ignore_index, float scale=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "kd_div_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
+      "float temperature, str divergence, float alpha, float beta, int ignore_index, bool student_grad, "
+      "bool teacher_grad, float scale=1.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Test only: the CUDA forward algorithm of kd_div (per-thread online updates, tree merge) run on the host.
+  m.def(
+      "_kd_div_emulate_device(Tensor student, Tensor teacher, Tensor? target, float temperature, str divergence, "
+      "float alpha, float beta, int ignore_index, int threads) -> (Tensor, Tensor)");
+}
