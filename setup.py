@@ -125,13 +125,27 @@ def configure():
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     cfg["debug"] = env_flag("DEBUG")
     cfg["build_dir"] = os.environ.get("KDOPS_BUILD_DIR") or os.path.join("build", "cuda" if use_cuda else "cpu")
-    cfg["ccache"] = shutil.which("ccache")
-    if cfg["ccache"] and not env_flag("KDOPS_NO_CCACHE"):
-        if "ccache" not in os.environ.get("CXX", ""):
-            os.environ["CXX"] = "ccache " + os.environ.get("CXX", "c++")
-        if use_cuda and "PYTORCH_NVCC" not in os.environ:
-            os.environ["PYTORCH_NVCC"] = "ccache " + os.path.join(cuda_home, "bin", "nvcc")
+    cfg["ccache"] = None if env_flag("KDOPS_NO_CCACHE") else shutil.which("ccache")
+    if cfg["ccache"]:
+        use_ccache(cfg, cuda_home if use_cuda else None)
     return cfg
+
+
+def use_ccache(cfg, cuda_home):
+    """Compiles through ccache in its masquerade form: a directory of links named after the compilers, first on
+    PATH. CXX itself is left alone, because cpp_extension checks the compiler's name and version from CXX
+    ("ccache c++" fails that check, which stops CUDA builds against binary torch wheels)."""
+    links = os.path.join(ROOT, cfg["build_dir"], "ccache-bin")
+    os.makedirs(links, exist_ok=True)
+    for name in ("c++", "cc", "g++", "gcc"):
+        link = os.path.join(links, name)
+        if os.path.realpath(link) != os.path.realpath(cfg["ccache"]):
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(cfg["ccache"], link)
+    os.environ["PATH"] = links + os.pathsep + os.environ.get("PATH", "")
+    if cuda_home and "PYTORCH_NVCC" not in os.environ:
+        os.environ["PYTORCH_NVCC"] = "ccache " + os.path.join(cuda_home, "bin", "nvcc")
 
 
 def print_config(cfg):
