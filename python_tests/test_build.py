@@ -29,3 +29,24 @@ def test_mismatched_torch_gives_one_readable_error(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     with pytest.raises(ImportError, match=r"built against torch .* but torch 0\.0\.0-other is running.*Rebuild"):
         _extension.load()
+
+
+def test_import_needs_no_pot_and_exact_w2_names_it():
+    # POT is only needed by the exact Wasserstein losses: kdops imports without it, and those losses say what to
+    # install instead of failing at import.
+    code = """
+import sys
+sys.modules["ot"] = None  # an `import ot` now raises ImportError
+import torch, kdops
+x = torch.randn(8, 3)
+print(float(kdops.functional.mmd(x, x + 1, kernel="linear")))
+try:
+    kdops.functional.wasserstein_exact(x, x + 1)
+except ImportError as e:
+    print("ImportError:", e)
+"""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert abs(float(out[0]) - 3.0) < 1e-5
+    assert out[1].startswith("ImportError: kdops: the exact Wasserstein losses") and "pip install pot" in out[1]

@@ -4,7 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <bit>
+#include <c10/util/bit_cast.h>
 #include <cstdint>
 #include <type_traits>
 
@@ -67,22 +67,22 @@ inline void prefetch_block(const T* s, const T* t) {
 namespace {
 
 inline float half_bits_to_float(uint32_t h) {
-  const float magic = std::bit_cast<float>(uint32_t(254 - 15) << 23);       // 2^112
-  const float was_inf_nan = std::bit_cast<float>(uint32_t(127 + 16) << 23);  // 2^16
-  float o = std::bit_cast<float>((h & 0x7fffu) << 13) * magic;
-  uint32_t bits = std::bit_cast<uint32_t>(o);
+  const float magic = c10::bit_cast<float>(uint32_t(254 - 15) << 23);       // 2^112
+  const float was_inf_nan = c10::bit_cast<float>(uint32_t(127 + 16) << 23);  // 2^16
+  float o = c10::bit_cast<float>((h & 0x7fffu) << 13) * magic;
+  uint32_t bits = c10::bit_cast<uint32_t>(o);
   bits = o >= was_inf_nan ? (bits | (uint32_t(255) << 23)) : bits;
-  return std::bit_cast<float>(bits | ((h & 0x8000u) << 16));
+  return c10::bit_cast<float>(bits | ((h & 0x8000u) << 16));
 }
 
 inline uint16_t float_to_half_bits(float f) {
   const uint32_t f_inf = uint32_t(255) << 23, f16_max = uint32_t(127 + 16) << 23;
   const uint32_t denorm_magic_bits = uint32_t((127 - 15) + (23 - 10) + 1) << 23;
-  uint32_t u = std::bit_cast<uint32_t>(f);
+  uint32_t u = c10::bit_cast<uint32_t>(f);
   const uint32_t sign = u & 0x80000000u;
   u ^= sign;
   const uint32_t inf_nan = u > f_inf ? 0x7e00u : 0x7c00u;
-  const uint32_t sub = std::bit_cast<uint32_t>(std::bit_cast<float>(u) + std::bit_cast<float>(denorm_magic_bits)) -
+  const uint32_t sub = c10::bit_cast<uint32_t>(c10::bit_cast<float>(u) + c10::bit_cast<float>(denorm_magic_bits)) -
                        denorm_magic_bits;
   const uint32_t normal = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
   const uint32_t o = u >= f16_max ? inf_nan : (u < (uint32_t(113) << 23) ? sub : normal);
@@ -95,7 +95,7 @@ KDOPS_CPU_CLONES void load_floats(const T* p, float* out, int64_t n) {
     const uint16_t* u = reinterpret_cast<const uint16_t*>(p);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      out[i] = std::bit_cast<float>(uint32_t(u[i]) << 16);
+      out[i] = c10::bit_cast<float>(uint32_t(u[i]) << 16);
     }
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
@@ -112,7 +112,7 @@ KDOPS_CPU_CLONES void store_floats(const float* in, T* p, int64_t n) {
     uint16_t* u = reinterpret_cast<uint16_t*>(p);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t bits = std::bit_cast<uint32_t>(in[i]);
+      const uint32_t bits = c10::bit_cast<uint32_t>(in[i]);
       const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
       u[i] = in[i] != in[i] ? uint16_t(0x7FC0) : uint16_t(rounded);
     }
@@ -127,7 +127,7 @@ KDOPS_CPU_CLONES void store_floats(const float* in, T* p, int64_t n) {
 
 // One element as float / from float, for loops that convert in place instead of through a chunk buffer;
 // the same branch-free conversions as above, so these loops vectorise too.
-inline float to_acc(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
+inline float to_acc(c10::BFloat16 x) { return c10::bit_cast<float>(uint32_t(x.x) << 16); }
 inline float to_acc(c10::Half x) { return half_bits_to_float(x.x); }
 inline float to_acc(float x) { return x; }
 inline double to_acc(double x) { return x; }
@@ -135,7 +135,7 @@ inline double to_acc(double x) { return x; }
 template <typename T>
 inline T from_acc(float v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint32_t bits = c10::bit_cast<uint32_t>(v);
     const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
     return c10::BFloat16(v != v ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
   } else if constexpr (std::is_same_v<T, c10::Half>) {

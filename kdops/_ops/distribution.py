@@ -6,17 +6,14 @@ is POT's network simplex on the host, which no kernel of ours would improve on; 
 """
 
 import numpy as np
-import ot
-import scipy.optimize
 import torch
 from torch import Tensor
 
-from kdops._ops._common import acc_dtype
+from kdops._ops._common import acc_dtype, import_pot
 
 
 # ---- MMD (C++ kernels) ----
 
-@torch.library.register_fake("kdops::mmd")
 def _mmd_weight_numel(n, m, kernel, save_weights):
     """Elements of kdops::mmd's saved weights [W_xy | W_xx (bit 1) | W_yy (bit 2)]."""
     if kernel == "linear" or not save_weights:
@@ -71,7 +68,7 @@ def _uniform(k):
 def emd_plan(cost: Tensor) -> Tensor:
     """Exact OT plan (n, m) between uniform marginals for the cost matrix (n, m), by ot.emd in float64."""
     c = cost.detach().to("cpu", torch.float64).numpy()
-    plan = ot.emd(_uniform(c.shape[0]), _uniform(c.shape[1]), c)
+    plan = import_pot().emd(_uniform(c.shape[0]), _uniform(c.shape[1]), c)
     return torch.from_numpy(np.ascontiguousarray(plan)).to(device=cost.device, dtype=cost.dtype)
 
 
@@ -86,10 +83,11 @@ def emd_permutation(cost: Tensor) -> Tensor:
     of the Birkhoff polytope, which the network simplex returns): the permutation sigma, int64 (n,)."""
     c = cost.detach().to("cpu", torch.float64).numpy()
     n = c.shape[0]
-    plan = ot.emd(_uniform(n), _uniform(n), c)
+    plan = import_pot().emd(_uniform(n), _uniform(n), c)
     perm = plan.argmax(1)
     if not (np.all(plan[np.arange(n), perm] > 0.5 / n) and len(np.unique(perm)) == n):
         # Not reached with a converged simplex; an assignment solver gives an optimal permutation anyway.
+        import scipy.optimize  # POT depends on scipy
         perm = scipy.optimize.linear_sum_assignment(c)[1]
     return torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64)).to(cost.device)
 
