@@ -4,6 +4,13 @@ import os
 import pytest
 import torch
 
+# CI runs the suite against installed builds (CPU-only, other torch versions): it names the install so that a
+# suite which silently imported the checkout's own build fails instead.
+if os.environ.get("KDOPS_EXPECT_INSTALL"):
+    import kdops
+    assert os.path.abspath(kdops.__file__).startswith(os.path.abspath(os.environ["KDOPS_EXPECT_INSTALL"])), (
+        "the tests imported %s, not the build under test in %s" % (kdops.__file__, os.environ["KDOPS_EXPECT_INSTALL"]))
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 

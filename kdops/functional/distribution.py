@@ -3,7 +3,8 @@
 x (student) is (n, d), y (teacher) is (m, d): the rows are samples (pre-classifier features of one batch), the
 clouds carry uniform weights and need equal widths d (map the student to the teacher's width first). Every
 function returns a 0-dim tensor in the accumulation dtype (fp32 for fp16 / bf16 / fp32, fp64 for fp64);
-gradients flow to x and, when it requires grad, to y.
+gradients flow to x and, when it requires grad, to y. x and y of different float dtypes are promoted, and under
+autocast every loss is computed as outside it (:mod:`kdops.functional._dtypes`).
 
 Only :func:`mmd` is a fused kernel (kdops::mmd): its cost is the three Gram blocks and what is done with them.
 The other losses are compositions of ATen ops (a d x d covariance and its eigendecomposition, one GEMM) or of
@@ -17,7 +18,7 @@ import numbers
 import torch
 
 from kdops._ops import distribution as _ops_distribution
-from kdops._ops._common import acc_dtype
+from kdops.functional import _dtypes
 from kdops.functional._checks import check_number
 from kdops.functional.ot import sinkhorn as _sinkhorn
 
@@ -35,13 +36,12 @@ def _check_clouds(name, x, y, same_size=False):
     if x.shape[1] != y.shape[1]:
         raise ValueError("%s: x and y must have the same feature dim d, got x %s and y %s"
                          % (name, tuple(x.shape), tuple(y.shape)))
-    if x.dtype != y.dtype:
-        raise ValueError("%s: x and y must have the same dtype, got %s and %s" % (name, x.dtype, y.dtype))
     if x.device != y.device:
         raise ValueError("%s: x and y must be on the same device, got %s and %s" % (name, x.device, y.device))
     if same_size and x.shape[0] != y.shape[0]:
         raise ValueError("%s: x and y must hold the same number of points (paired samples), got %d and %d"
                          % (name, x.shape[0], y.shape[0]))
+    return _dtypes.promote(x, y)
 
 
 def _sq_dists(x, y):
@@ -57,6 +57,7 @@ def _plan_cost(x, y, plan):
     return plan.sum(1) @ (x * x).sum(1) + plan.sum(0) @ (y * y).sum(1) - 2.0 * (x * (plan @ y)).sum()
 
 
+@_dtypes.loss
 def wasserstein_exact(x, y):
     """Squared exact 2-Wasserstein distance W2^2 between uniform clouds x (n, d) and y (m, d).
 
@@ -68,8 +69,8 @@ def wasserstein_exact(x, y):
     it is <P, C> with the dense plan, through the expansion |x|^2 + |y|^2 - 2 <x, y> (one GEMM, no (n, m)
     cost kept for the backward), which loses digits when W2^2 is tiny next to the squared norms.
     """
-    _check_clouds("wasserstein_exact", x, y)
-    acc = acc_dtype(x.dtype)
+    x, y = _check_clouds("wasserstein_exact", x, y)
+    acc = _dtypes.acc_of(x, y)
     with torch.no_grad():
         cost = _sq_dists(x.detach().double(), y.detach().double())
     if x.shape[0] == y.shape[0]:
@@ -148,6 +149,7 @@ def _diag_std(x, min_var):
     return x.var(0, correction=0).clamp_min(min_var).sqrt()
 
 
+@_dtypes.loss
 def gaussian_wasserstein(x, y, diagonal=False):
     """Squared 2-Wasserstein distance between the Gaussians fitted to x (n, d) and y (m, d) (Bures):
     |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2), covariances with correction 0 (divided by
@@ -160,8 +162,8 @@ def gaussian_wasserstein(x, y, diagonal=False):
     A composite of ATen ops: the time is in the two d x d eigh calls, which no custom kernel would beat.
     The value may come out a rounding error below 0 for identical clouds.
     """
-    _check_clouds("gaussian_wasserstein", x, y)
-    acc = acc_dtype(x.dtype)
+    x, y = _check_clouds("gaussian_wasserstein", x, y)
+    acc = _dtypes.acc_of(x, y)
     x, y = x.to(acc), y.to(acc)
     if diagonal:
         mean_term = (x.mean(0) - y.mean(0)).square().sum()
@@ -175,6 +177,7 @@ def gaussian_wasserstein(x, y, diagonal=False):
     return (mx - my).square().sum() + torch.diagonal(sx).sum() + torch.diagonal(sy).sum() - 2.0 * cross
 
 
+@_dtypes.loss
 def gaussian_kl(x, y, diagonal=True, eps=1e-6):
     """KL(N_x || N_y) between the Gaussians fitted to the student x (n, d) and the teacher y (m, d),
     covariances with correction 0:
@@ -185,9 +188,9 @@ def gaussian_kl(x, y, diagonal=True, eps=1e-6):
     eigenvalues of both covariances clamped at eps^2 (the same floor on a variance), so dead teacher
     dimensions give a large finite value instead of log 0.
     """
-    _check_clouds("gaussian_kl", x, y)
+    x, y = _check_clouds("gaussian_kl", x, y)
     check_number("gaussian_kl", "eps", eps, positive=True)
-    acc = acc_dtype(x.dtype)
+    acc = _dtypes.acc_of(x, y)
     x, y = x.to(acc), y.to(acc)
     if diagonal:
         sx, sy = _diag_std(x, eps * eps), _diag_std(y, eps * eps)
@@ -197,11 +200,25 @@ def gaussian_kl(x, y, diagonal=True, eps=1e-6):
     my, cy = _moments(y)
     floor = eps * eps
     inv_y = _sym_fn(cy, "inv", floor)
-    lam_x = torch.linalg.eigvalsh(0.5 * (cx + cx.T)).clamp_min(floor)
-    lam_y = torch.linalg.eigvalsh(0.5 * (cy + cy.T)).clamp_min(floor)
     delta = my - mx
     d = x.shape[1]
-    return 0.5 * ((inv_y * cx).sum() + delta @ inv_y @ delta - d + lam_y.log().sum() - lam_x.log().sum())
+    return 0.5 * ((inv_y * cx).sum() + delta @ inv_y @ delta - d + _logdet_floor(cy, floor) - _logdet_floor(cx, floor))
+
+
+def _logdet_floor(mat, floor):
+    """sum_i log max(lambda_i, floor) over the eigenvalues of the symmetric PSD `mat`. Where no eigenvalue is
+    below the floor this is log det, taken from a Cholesky factor: its error is relative to each eigenvalue,
+    where the eigenvalues' own error is relative to the largest one (a covariance with eigenvalues 0.5 and 2e-7
+    has its small one wrong by 12 % in fp32, the Cholesky log det by 0.01 %). Below the floor the clamped
+    eigenvalues are used. The choice is a torch.where, with no host sync."""
+    sym = 0.5 * (mat + mat.T)
+    lam = torch.linalg.eigvalsh(sym)
+    clamped = lam.clamp_min(floor).log().sum()
+    with torch.no_grad():
+        ok = (torch.linalg.cholesky_ex(sym).info == 0) & (lam.min() > floor)
+    eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    chol = torch.linalg.cholesky_ex(torch.where(ok, sym, eye)).L  # the identity where not used: finite gradients
+    return torch.where(ok, 2.0 * chol.diagonal().log().sum(), clamped)
 
 
 # ---- MMD (fused kernel) ----
@@ -214,6 +231,7 @@ MMD_KERNELS = ("linear", "rbf", "poly")
 MMD_SAVE_LIMIT_BYTES = 64 * 2 ** 20
 
 
+@_dtypes.loss
 def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3, save_blocks=None):
     """Squared maximum mean discrepancy (the biased V-statistic)
     mean_ij k(x_i, x_j) + mean_ij k(y_i, y_j) - 2 mean_ij k(x_i, y_j) between x (n, d) and y (m, d).
@@ -237,7 +255,7 @@ def mmd(x, y, kernel="rbf", bandwidth=None, gamma=None, coef0=1.0, degree=3, sav
     them when they take at most ``MMD_SAVE_LIMIT_BYTES`` (64 MiB: n = m = 2896 in fp32 for x alone);
     ``False`` always recomputes (only the inputs and sigma are saved); ``True`` always keeps them.
     """
-    _check_clouds("mmd", x, y)
+    x, y = _check_clouds("mmd", x, y)
     if kernel not in MMD_KERNELS:
         raise ValueError("mmd: kernel must be one of %s, got %r" % (MMD_KERNELS, kernel))
     if bandwidth is not None:
@@ -276,6 +294,7 @@ CLASS_METRICS = {
 }
 
 
+@_dtypes.loss
 def class_conditional_wasserstein(x, y, labels, metric="exact", **metric_kwargs):
     """sum over the classes c present in ``labels`` of W(x[labels == c], y[labels == c]), unweighted, with
     uniform weights inside each class (KD2M's class-conditional loss; the released code crashes on it).
@@ -288,7 +307,7 @@ def class_conditional_wasserstein(x, y, labels, metric="exact", **metric_kwargs)
     contributes that pair's cost |x_i - y_i|^p / p.
     Finding the classes present (torch.unique) reads the labels on the host.
     """
-    _check_clouds("class_conditional_wasserstein", x, y, same_size=True)
+    x, y = _check_clouds("class_conditional_wasserstein", x, y, same_size=True)
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
             or labels.dtype == torch.bool:
         raise ValueError("class_conditional_wasserstein: labels must be an integer tensor of class indices, got %s"
@@ -310,6 +329,7 @@ def class_conditional_wasserstein(x, y, labels, metric="exact", **metric_kwargs)
     return total
 
 
+@_dtypes.loss
 def joint_wasserstein(x, y, logits_x, logits_y, beta=1.0):
     """Exact OT between the joint feature-label clouds: the plan P of ``ot.emd`` (held fixed) for the cost
     C_ij = |x_i - y_j|^2 / max_kl |x_k - y_l|^2 + beta |p_x,i - p_y,j|^2, p = softmax(logits), and the loss
@@ -321,14 +341,14 @@ def joint_wasserstein(x, y, logits_x, logits_y, beta=1.0):
     feature cost, so that only the label term trains the student.
     x, y: (n, d) and (m, d); logits_x, logits_y: (n, C) and (m, C).
     """
-    _check_clouds("joint_wasserstein", x, y)
-    _check_clouds("joint_wasserstein", logits_x, logits_y)
+    x, y = _check_clouds("joint_wasserstein", x, y)
+    logits_x, logits_y = _check_clouds("joint_wasserstein", logits_x, logits_y)
+    acc = _dtypes.acc_of(x, y, logits_x, logits_y)
     if logits_x.shape[0] != x.shape[0] or logits_y.shape[0] != y.shape[0]:
         raise ValueError("joint_wasserstein: logits_x and logits_y must have one row per point, (%d, C) and "
                          "(%d, C), got %s and %s" % (x.shape[0], y.shape[0], tuple(logits_x.shape),
                                                      tuple(logits_y.shape)))
     check_number("joint_wasserstein", "beta", beta, low=0.0)
-    acc = acc_dtype(x.dtype)
     feature_cost = _sq_dists(x.to(acc), y.to(acc))
     px, py = torch.softmax(logits_x.to(acc), dim=1), torch.softmax(logits_y.to(acc), dim=1)
     label_cost = _sq_dists(px, py)

@@ -1,13 +1,14 @@
 """Feature-map losses: the Overhaul of feature distillation (margin ReLU + partial L2), FitNet hints and the
-projector recipe's LogSum. Student first, teacher second."""
+projector recipe's LogSum. Student first, teacher second. Student and teacher maps of different float dtypes are
+promoted, and every loss gives the same value inside and outside autocast (:mod:`kdops.functional._dtypes`)."""
 
-import math
 import numbers
 
 import torch
 
 from kdops import _ops
-from kdops.functional._checks import check_same
+from kdops.functional import _dtypes
+from kdops.functional._checks import check_same, finite
 
 FEATURE_REDUCTIONS = ("sum", "mean", "batchmean")
 
@@ -26,30 +27,39 @@ def _check_feature_pair(name, student, teacher):
 
 
 def _check_margin(name, margin, x):
+    """The per-channel margin as (C,): given as (C,), or in any shape that broadcasts against the map as one value
+    per channel, such as the released Overhaul code's (1, C, 1, 1) buffer."""
     if not isinstance(margin, torch.Tensor) or not margin.is_floating_point():
         raise ValueError("%s: margin must be a floating-point tensor of shape (C,), got %s"
                          % (name, getattr(margin, "dtype", type(margin).__name__)))
-    if margin.shape != (x.shape[1],):
-        raise ValueError("%s: margin must have shape (C,) = (%d,), got %s" % (name, x.shape[1], tuple(margin.shape)))
+    c = x.shape[1]
+    padded = (1,) * (x.dim() - margin.dim()) + tuple(margin.shape)
+    per_channel = margin.dim() <= x.dim() and padded[1] == c and all(n == 1 for i, n in enumerate(padded) if i != 1)
+    if margin.shape != (c,) and not (margin.dim() > 1 and per_channel):
+        raise ValueError("%s: margin must have shape (C,) = (%d,) or broadcast per channel, e.g. (1, %d, 1, 1); "
+                         "got %s" % (name, c, c, tuple(margin.shape)))
     if margin.device != x.device:
         raise ValueError("%s: margin must be on %s, got %s" % (name, x.device, margin.device))
+    return margin.reshape(c)
 
 
+@_dtypes.loss
 def margin_relu(teacher, margin):
     """The Overhaul's teacher transform max(t, m_c), with per-channel margins m (C,) on (b, C, *spatial)."""
     if not isinstance(teacher, torch.Tensor) or not teacher.is_floating_point() or teacher.dim() < 2:
         raise ValueError("margin_relu: teacher must be a floating-point tensor (b, C, *spatial), got %s"
                          % (getattr(teacher, "shape", type(teacher).__name__),))
-    _check_margin("margin_relu", margin, teacher)
+    margin = _check_margin("margin_relu", margin, teacher)
     return torch.ops.kdops.margin_relu(teacher, margin)
 
 
+@_dtypes.loss
 def partial_l2_loss(student, teacher, margin, reduction="sum"):
     """Overhaul partial L2 (Heo et al.): sum of (s - t^)^2 over positions where s > t^ or t^ > 0, with
     t^ = max(t, m_c) the margin ReLU of the teacher. Fused: neither t^ nor the mask is materialised.
 
     student, teacher: pre-ReLU maps (b, C, *spatial) of equal shape (map the student with a connector first);
-    margin: (C,), see :func:`kdops.nn.margins_from_batchnorm`. reduction: ``sum`` (the paper's; the
+    margin: (C,) or (1, C, 1, 1), see :func:`kdops.nn.margins_from_batchnorm`. reduction: ``sum`` (the paper's; the
     training loop divides by b and 1000), ``batchmean`` (sum / b) or ``mean`` (sum / numel). The result is in
     fp32 for fp16 / bf16 maps (sums of squares overflow fp16), fp64 for fp64.
 
@@ -58,7 +68,8 @@ def partial_l2_loss(student, teacher, margin, reduction="sum"):
     gradient 1 then costs one pass over the maps in all.
     """
     _check_feature_pair("partial_l2_loss", student, teacher)
-    _check_margin("partial_l2_loss", margin, student)
+    margin = _check_margin("partial_l2_loss", margin, student)
+    student, teacher = _dtypes.promote(student, teacher)
     if reduction not in FEATURE_REDUCTIONS:
         raise ValueError("partial_l2_loss: reduction must be one of %s, got %r" % (FEATURE_REDUCTIONS, reduction))
     divisor = {"sum": 1, "batchmean": student.shape[0], "mean": student.numel()}[reduction]
@@ -68,12 +79,14 @@ def partial_l2_loss(student, teacher, margin, reduction="sum"):
     return total if reduction == "sum" else total / divisor
 
 
+@_dtypes.loss
 def hint_loss(student_regressed, teacher):
     """FitNet hint: mean squared error between the regressed student feature and the teacher feature."""
     _check_feature_pair("hint_loss", student_regressed, teacher)
-    return torch.nn.functional.mse_loss(student_regressed, teacher)
+    return torch.nn.functional.mse_loss(*_dtypes.promote(student_regressed, teacher))
 
 
+@_dtypes.loss
 def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
     """LogSum (Miles & Mikolajczyk): log(sum |delta|^alpha + eps) over all elements, the power and the sum in
     fp32 (fp64 for fp64) so fp16 / bf16 inputs cannot overflow. Pass delta, or a pair (a, b) for delta = a - b
@@ -86,13 +99,14 @@ def logsum_loss(delta_or_pair, alpha=4.0, eps=0.0):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise ValueError("logsum_loss: %s must be a floating-point tensor" % arg)
         check_same("logsum_loss", "a", a, "b", b, "(any, matching)")
+        a, b = _dtypes.promote(a, b)
     else:
         a, b = delta_or_pair, None
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
             raise ValueError("logsum_loss: delta must be a floating-point tensor")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (alpha > 0) or math.isinf(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (alpha > 0) or not finite(alpha):
         raise ValueError("logsum_loss: alpha must be a finite number > 0, got %r" % (alpha,))
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0) or math.isinf(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0) or not finite(eps):
         raise ValueError("logsum_loss: eps must be a finite number >= 0, got %r" % (eps,))
     if a.numel() == 0:
         raise ValueError("logsum_loss: the input is empty")

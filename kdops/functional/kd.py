@@ -1,7 +1,9 @@
 """Knowledge-distillation losses, functional form. Student first, teacher second, everywhere.
 
 Logits are (..., C): every leading index is a row (a sample, or a token of a sequence model), C classes.
-Any float dtype (fp32, fp64, fp16, bf16) is accepted; the kernels accumulate in fp32 (fp64 for fp64).
+Any float dtype (fp32, fp64, fp16, bf16) is accepted; the kernels accumulate in fp32 (fp64 for fp64). Student and
+teacher of different dtypes are promoted, and the result is in the promoted dtype; under autocast the loss is
+computed as outside it (the rules: :mod:`kdops.functional._dtypes`).
 Gradients flow to the student and, when it requires grad, to the teacher (mutual / online distillation).
 
 Reductions over rows: ``batchmean`` (sum / rows, the default), ``sum``, ``mean`` (sum / (rows * C)),
@@ -13,13 +15,13 @@ equals ``ignore_index`` contribute nothing, and ``batchmean`` / ``mean`` divide 
 batch whose rows are all ignored gives 0).
 """
 
-import math
 import numbers
 
 import torch
 
 from kdops import _ops  # noqa: F401  (autograd / fake registrations)
-from kdops.functional._checks import check_positive, check_same
+from kdops.functional import _dtypes
+from kdops.functional._checks import check_positive, check_same, finite
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -69,6 +71,7 @@ def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduc
     if reduction not in REDUCTIONS:
         raise ValueError("%s: reduction must be one of %s, got %r" % (name, REDUCTIONS, reduction))
     target = _check_target(name, target, student_logits, target_required)
+    student_logits, teacher_logits = _dtypes.promote(student_logits, teacher_logits)
     num_classes = student_logits.shape[-1]
     rows = student_logits.numel() // num_classes
     # Constant factors go into the kernel, which saves autograd nodes (a quarter of the fixed cost at small
@@ -91,6 +94,7 @@ def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduc
     return total / count if reduction == "batchmean" else total / (count * num_classes)
 
 
+@_dtypes.loss
 def kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmean", scale_t2=True, target=None,
             ignore_index=-100):
     """Hinton KD: T^2 * KL(p_t || p_s) with p = softmax(logits / T), per row, then reduced.
@@ -102,6 +106,7 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmea
                    ignore_index)
 
 
+@_dtypes.loss
 def reverse_kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="batchmean", scale_t2=True,
                     target=None, ignore_index=-100):
     """Reverse KL: T^2 * KL(p_s || p_t) (mode-seeking), same arguments as :func:`kd_loss`."""
@@ -110,6 +115,7 @@ def reverse_kd_loss(student_logits, teacher_logits, temperature=4.0, reduction="
                    target, ignore_index)
 
 
+@_dtypes.loss
 def jsd_loss(student_logits, teacher_logits, temperature=4.0, beta=0.5, reduction="batchmean", scale_t2=True,
              target=None, ignore_index=-100):
     """Generalised Jensen-Shannon divergence: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m),
@@ -121,6 +127,7 @@ def jsd_loss(student_logits, teacher_logits, temperature=4.0, beta=0.5, reductio
                    ignore_index, beta=beta)
 
 
+@_dtypes.loss
 def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temperature=4.0, reduction="batchmean",
              ignore_index=-100):
     """Decoupled KD (Zhao et al., mdistiller): alpha * TCKD + beta * NCKD, each scaled by T^2.
@@ -132,7 +139,7 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     in [0, C) or equal ``ignore_index`` (a RuntimeError otherwise).
     """
     for arg, v in (("alpha", alpha), ("beta", beta)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not finite(v):
             raise ValueError("dkd_loss: %s must be a finite number, got %r" % (arg, v))
     scale = float(temperature) ** 2 if isinstance(temperature, numbers.Real) else 1.0
     return _kd_div("dkd_loss", student_logits, teacher_logits, "dkd", temperature, reduction, scale, target,

@@ -3,12 +3,12 @@ runs every iteration in one call), with gradients from the final dual potentials
 backpropagating through the iterations.
 """
 
-import math
 import numbers
 
 import torch
 
 from kdops._ops.ot import Sinkhorn
+from kdops.functional import _dtypes
 from kdops.functional._checks import check_number
 
 VALUES = ("entropic", "transport")
@@ -56,6 +56,7 @@ def _ot(x, y, a, b, opts):
     return value, f, g
 
 
+@_dtypes.loss
 def sinkhorn(x, y, a=None, b=None, eps=0.05, p=2, max_iter=100, tol=1e-6, scaling=None, debias=False,
              value="entropic", backend="auto", return_potentials=False):
     """Entropic optimal transport between clouds x (n, d) and y (m, d), or batched (B, n, d), (B, m, d).
@@ -78,7 +79,8 @@ def sinkhorn(x, y, a=None, b=None, eps=0.05, p=2, max_iter=100, tol=1e-6, scalin
 
     backend: "tensorized" forms the Gram matrix x y^T (and its transpose) once; "online" recomputes it in
     tiles of 256 rows each iteration and never stores an n x m matrix (memory O(256 (n + m) + (n + m) d));
-    "auto" picks tensorized while n * m <= 2^24, online above. Inputs are computed in fp32 (fp64 for fp64);
+    "auto" picks tensorized while n * m <= 2^24, online above. Inputs are computed in fp32 (fp64 when x or y is
+fp64; dtypes may differ, and autocast does not change the result: :mod:`kdops.functional._dtypes`);
     the result has the batch shape: 0-dim for unbatched clouds, (B,) for batched ones. With
     ``return_potentials`` it returns (value, f, g) (potentials of the x-y problem).
     """
@@ -108,7 +110,7 @@ def sinkhorn(x, y, a=None, b=None, eps=0.05, p=2, max_iter=100, tol=1e-6, scalin
     if backend not in BACKENDS:
         raise ValueError("sinkhorn: backend must be one of %s, got %r" % (BACKENDS, backend))
     batched = x.dim() == 3
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _dtypes.acc_of(x, y)
     xb = (x if batched else x.unsqueeze(0)).to(acc)
     yb = (y if batched else y.unsqueeze(0)).to(acc)
     n, m = xb.shape[1], yb.shape[1]

@@ -8,6 +8,10 @@ loss equals the single-process loss on the global batch. The gradient reaching a
 sum over ranks of each rank's (identical) loss, i.e. world_size times the single-process gradient; DDP's
 averaging of parameter gradients then gives exactly the single-process parameter gradient.
 
+Dtypes (:mod:`kdops.functional._dtypes`): any float inputs, of different dtypes too; features are upcast to fp32
+(fp64 when an input is fp64) before the Gram GEMMs, so the Gram matrices are never rounded to 16 bits, and the
+result is in that dtype. Under autocast every loss is computed as outside it.
+
 What is fused: the RKD angle loss is one op (``kdops::rkd_angle``) over the Gram matrix, never forming the
 (b, b, d) difference tensors or the b^3 angle tensor (O(b^2) memory). FKD switches to the d x d identity when
 b > d; NST and FSP use batched GEMMs instead of the b·C·C'·HW broadcasts of the published code. The other
@@ -20,11 +24,15 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from kdops.functional import _dtypes
+from kdops.functional._checks import finite
+
 _TINY = 1e-12
 
 
-def _acc(x):
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+def _acc(x, dtype=None):
+    """x in the dtype the relational losses compute in: `dtype`, or fp32 (fp64 for fp64)."""
+    return x.to(dtype or _dtypes.acc_of(x))
 
 
 def _check_tensor(name, arg, x, dims):
@@ -47,9 +55,9 @@ def _check_batch(name, s, t, min_b=2):
                          % (name, s.device, t.device))
 
 
-def _flat(name, arg, x):
+def _flat(name, arg, x, dtype=None):
     _check_tensor(name, arg, x, (2, 3, 4, 5))
-    return _acc(x.reshape(x.shape[0], -1))
+    return _acc(x.reshape(x.shape[0], -1), dtype)
 
 
 def _gather(x):
@@ -62,7 +70,10 @@ def _gather(x):
 
 
 def _pair(name, student, teacher, gather_distributed):
-    s, t = _flat(name, "student", student), _flat(name, "teacher", teacher)
+    _check_tensor(name, "student", student, (2, 3, 4, 5))
+    _check_tensor(name, "teacher", teacher, (2, 3, 4, 5))
+    acc = _dtypes.acc_of(student, teacher)
+    s, t = _flat(name, "student", student, acc), _flat(name, "teacher", teacher, acc)
     _check_batch(name, s, t)
     if gather_distributed:
         s, t = _gather(s), _gather(t)
@@ -110,6 +121,7 @@ def _self_gram(x):
 _COSINE, _DISTANCE, _SQUARED_DISTANCE = 0, 1, 2  # kinds of kdops::gram_transform
 
 
+@_dtypes.loss
 def gram(x, kernel="linear"):
     """Gram matrix of the rows of x (n, d) -> (n, n), batched (B, n, d) -> (B, n, n): ``linear`` x x^T, ``cosine``
     U U^T with U = x / max(|x|, 1e-12) (unit diagonal; a zero row gives a zero row and column). The cosine
@@ -121,6 +133,7 @@ def gram(x, kernel="linear"):
     return torch.ops.kdops.gram_transform(g, _COSINE) if kernel == "cosine" else g
 
 
+@_dtypes.loss
 def pairwise_distance(x, squared=False):
     """Euclidean distances between the rows of x (n, d) -> (n, n) (batched (B, n, d) too), from the Gram matrix:
     sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)) with the diagonal exactly 0 (RKD's pdist); ``squared``
@@ -129,6 +142,7 @@ def pairwise_distance(x, squared=False):
     return torch.ops.kdops.gram_transform(gram(x), _SQUARED_DISTANCE if squared else _DISTANCE)
 
 
+@_dtypes.loss
 def angle_tensor(x):
     """psi[a, j, k] = <n_aj, n_ak>, n_aj = normalize(x_j - x_a) (0 for a zero vector), for x (n, d) -> (n, n, n)
     or batched (B, n, d) -> (B, n, n, n): one fused op over the Gram matrix (no (n, n, d) differences, the
@@ -144,6 +158,7 @@ def _unit(h, kernel):
     return F.normalize(h, dim=1, eps=_TINY) if kernel == "correlation" else h
 
 
+@_dtypes.loss
 def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, fr_power=2,
              gather_distributed=False):
     """Feature Kernel Distillation (He & Ozay): sum over i != j of (rho_s,ij - rho_t,ij)^2 / (b (b - 1)), rho the
@@ -159,18 +174,23 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
         raise ValueError("%s: kernel must be 'correlation' or 'linear', got %r" % (name, kernel))
     if fr_power not in (1, 2):
         raise ValueError("%s: fr_power must be 1 or 2, got %r" % (name, fr_power))
-    if isinstance(fr_weight, bool) or not isinstance(fr_weight, numbers.Real) or not math.isfinite(fr_weight) \
+    if isinstance(fr_weight, bool) or not isinstance(fr_weight, numbers.Real) or not finite(fr_weight) \
             or fr_weight < 0:
         raise ValueError("%s: fr_weight must be a finite number >= 0, got %r" % (name, fr_weight))
     teachers = list(teacher_feats) if isinstance(teacher_feats, (list, tuple)) else [teacher_feats]
     if not teachers:
         raise ValueError("%s: teacher_feats is an empty list" % name)
-    hs = _flat(name, "student_feats", student_feats)
+    args = [("student_feats", student_feats)] + [("teacher_feats[%d]" % i if len(teachers) > 1 else "teacher_feats", t)
+                                                 for i, t in enumerate(teachers)]
+    for arg, x in args:
+        _check_tensor(name, arg, x, (2, 3, 4, 5))
+    acc = _dtypes.acc_of(student_feats, *teachers)
+    hs = _flat(name, "student_feats", student_feats, acc)
     hts = []
-    for i, t in enumerate(teachers):
-        ht = _flat(name, "teacher_feats[%d]" % i if len(teachers) > 1 else "teacher_feats", t)
+    for arg, t in args[1:]:
+        ht = _flat(name, arg, t, acc)
         _check_batch(name, hs, ht)
-        hts.append(ht.to(hs.dtype))
+        hts.append(ht)
     if gather_distributed:
         hs, hts = _gather(hs), [_gather(h) for h in hts]
     b, m = hs.shape[0], len(hts)
@@ -193,6 +213,7 @@ def fkd_loss(student_feats, teacher_feats, kernel="correlation", fr_weight=0.0, 
     return loss
 
 
+@_dtypes.loss
 def sp_loss(student, teacher, gather_distributed=False):
     """Similarity-preserving KD (Tung & Mori): |G~_s - G~_t|_F^2 / b^2 with G = F F^T row-L2-normalised
     (eps 1e-12), F the flattened feature (b, C*H*W). The normalisation, difference and sum (and their
@@ -207,6 +228,7 @@ def _normalized_distances(x):
     return d / mean
 
 
+@_dtypes.loss
 def rkd_distance_loss(student, teacher, gather_distributed=False):
     """RKD distance (Park et al.): smooth-L1 (beta 1) between the pairwise distances of student and teacher, each
     divided by the mean of its positive entries (the student's mean is not detached, as in the released code),
@@ -215,6 +237,7 @@ def rkd_distance_loss(student, teacher, gather_distributed=False):
     return F.smooth_l1_loss(_normalized_distances(s), _normalized_distances(t), reduction="mean")
 
 
+@_dtypes.loss
 def rkd_angle_loss(student, teacher, gather_distributed=False):
     """RKD angle (Park et al.): smooth-L1 (beta 1) between the angle cosines psi[a, j, k] of student and teacher,
     averaged over all b^3 triplets; degenerate triplets (coincident points) are 0 on both sides. One fused op
@@ -224,12 +247,14 @@ def rkd_angle_loss(student, teacher, gather_distributed=False):
     return torch.ops.kdops.rkd_angle(_self_gram(s), _self_gram(t))
 
 
+@_dtypes.loss
 def rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0, gather_distributed=False):
     """distance_weight * rkd_distance_loss + angle_weight * rkd_angle_loss (the CRD benchmark's 25 and 50)."""
     s, t = _pair("rkd_loss", student, teacher, gather_distributed)
     return distance_weight * rkd_distance_loss(s, t) + angle_weight * rkd_angle_loss(s, t)
 
 
+@_dtypes.loss
 def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
     """Probabilistic knowledge transfer (Passalis & Tefas): x^ = x / (|x| + eps), S = x^ x^^T, P = ((S + 1) / 2)
     / rowsum, L = mean over all b^2 entries of P_t log((P_t + eps) / (P_s + eps)). One fused op over the raw
@@ -240,13 +265,14 @@ def pkt_loss(student, teacher, eps=1e-7, gather_distributed=False):
     return torch.ops.kdops.pkt_gram(_self_gram(s), _self_gram(t), float(eps))
 
 
+@_dtypes.loss
 def cc_loss(student, teacher, gamma=0.4, order=2, gather_distributed=False):
     """Correlation congruence (Peng et al., the paper's Taylor-expanded Gaussian kernel as torchdistill):
     C_ij = exp(-2 gamma) sum_{p=0..order} (2 gamma)^p / p! (e_i . e_j)^p, L = |C_s - C_t|_F / b^2 (the norm,
     not its square). One fused op over the Gram matrices: the kernels are never stored."""
     if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 0:
         raise ValueError("cc_loss: order must be an int >= 0, got %r" % (order,))
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not finite(gamma):
         raise ValueError("cc_loss: gamma must be a finite number, got %r" % (gamma,))
     s, t = _pair("cc_loss", student, teacher, gather_distributed)
     return torch.ops.kdops.cc_gram(_self_gram(s), _self_gram(t), float(gamma), int(order))
@@ -268,10 +294,11 @@ def _maps(name, student, teacher, same_channels=False):
                          % (name, student.shape[1], teacher.shape[1]))
     if student.device != teacher.device:
         raise ValueError("%s: student and teacher must be on the same device" % name)
-    b = student.shape[0]
-    return _acc(student.reshape(b, student.shape[1], -1)), _acc(teacher.reshape(b, teacher.shape[1], -1))
+    b, acc = student.shape[0], _dtypes.acc_of(student, teacher)
+    return _acc(student.reshape(b, student.shape[1], -1), acc), _acc(teacher.reshape(b, teacher.shape[1], -1), acc)
 
 
+@_dtypes.loss
 def at_loss(student, teacher, p=2, mode="code"):
     """Attention transfer (Zagoruyko & Komodakis): a = normalize over HW of the channel mean of |f|^p;
     ``mode="code"`` (the released code): mean over (b, HW) of (a_s - a_t)^2; ``mode="paper"``: channel sum instead
@@ -291,6 +318,7 @@ def at_loss(student, teacher, p=2, mode="code"):
     return diff.norm(dim=1).sum() / s.shape[0]
 
 
+@_dtypes.loss
 def nst_loss(student, teacher):
     """Neural selectivity transfer (Huang & Wang): per sample the channels (L2-normalised over HW) are the points,
     polynomial kernel k(x, y) = (x.y)^2; L = mean k(T, T) + mean k(S, S) - 2 mean k(S, T), means over channel
@@ -312,6 +340,7 @@ def nst_loss(student, teacher):
     return (k_tt + k_ss - 2 * k_st).mean()
 
 
+@_dtypes.loss
 def fsp_matrix(first, second):
     """FSP matrix (Yim et al.) of two maps of one network with equal H*W: (b, C1, H, W), (b, C2, H, W) ->
     (b, C1, C2) = F1 F2^T / HW, one batched GEMM."""
@@ -321,11 +350,12 @@ def fsp_matrix(first, second):
     if first.shape[0] != second.shape[0] or first.shape[2:] != second.shape[2:]:
         raise ValueError("%s: the two maps must share batch and spatial size, got %s and %s"
                          % (name, tuple(first.shape), tuple(second.shape)))
-    b = first.shape[0]
-    a, c = _acc(first.reshape(b, first.shape[1], -1)), _acc(second.reshape(b, second.shape[1], -1))
+    b, acc = first.shape[0], _dtypes.acc_of(first, second)
+    a, c = _acc(first.reshape(b, first.shape[1], -1), acc), _acc(second.reshape(b, second.shape[1], -1), acc)
     return a @ c.transpose(1, 2) / a.shape[2]
 
 
+@_dtypes.loss
 def fsp_loss(student_pairs, teacher_pairs):
     """FSP (Yim et al.): for each pair of layers, mean over (b, C1, C2) of (G_s - G_t)^2 with G = fsp_matrix;
     the sum over the pairs. Student and teacher pairs must give matrices of the same shape."""
@@ -333,9 +363,16 @@ def fsp_loss(student_pairs, teacher_pairs):
             or len(student_pairs) != len(teacher_pairs) or not student_pairs:
         raise ValueError("fsp_loss: student_pairs and teacher_pairs must be non-empty lists of (first, second) "
                          "map pairs of equal length")
+    for i, pair in enumerate(list(student_pairs) + list(teacher_pairs)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError("fsp_loss: every entry must be a (first, second) pair of maps, got %s at %d"
+                             % (type(pair).__name__, i))
+    acc = _dtypes.acc_of(*[x for pair in list(student_pairs) + list(teacher_pairs) for x in pair
+                           if isinstance(x, torch.Tensor)])
     total = 0
     for i, (sp, tp) in enumerate(zip(student_pairs, teacher_pairs)):
-        gs, gt = fsp_matrix(*sp), fsp_matrix(*tp)
+        up = [[x.to(acc) if isinstance(x, torch.Tensor) else x for x in p] for p in (sp, tp)]
+        gs, gt = fsp_matrix(*up[0]), fsp_matrix(*up[1])
         if gs.shape != gt.shape:
             raise ValueError("fsp_loss: pair %d gives FSP matrices %s (student) and %s (teacher); channels must match"
                              % (i, tuple(gs.shape), tuple(gt.shape)))

@@ -151,7 +151,7 @@ class OFDLoss(nn.Module):
             if mapped.shape != t.shape:
                 raise ValueError("OFDLoss: stage %d: connected student map %s does not match the teacher map %s"
                                  % (i, tuple(mapped.shape), tuple(t.shape)))
-            total = total + w * F.partial_l2_loss(mapped, t.to(mapped.dtype), margin.to(mapped.device))
+            total = total + w * F.partial_l2_loss(mapped, t, margin.to(mapped.device))
         return total / s_list[0].shape[0] * self.scale
 
 
@@ -257,5 +257,5 @@ class ProjectorLogSumLoss(nn.Module):
             raise ValueError("ProjectorLogSumLoss: norm='bn' uses batch statistics and needs a batch of at least 2, "
                              "got %d" % student_features.shape[0])
         z_s = self._normalise(self.projector(student_features))
-        z_t = self._normalise(teacher_features.to(z_s.dtype))
+        z_t = self._normalise(teacher_features)
         return self.weight * F.logsum_loss((z_s, z_t), alpha=self.alpha, eps=self.eps)
