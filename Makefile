@@ -10,7 +10,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := build/.kdops-built
 SOURCES := $(shell find csrc -type f) setup.py kdops/version.py
 
-.PHONY: all setup build demo test bench report clean
+.PHONY: all setup build demo test bench report clean compat gpu-check gpu-check-dry-run gpu-wheels
 
 all: test
 
@@ -49,6 +49,29 @@ bench: $(STAMP_BUILD)
 
 report:
 	$(PY) -m benchmarks.report $(BENCH_JSON) --out benchmarks/RESULTS.md --plots benchmarks/plots
+
+# make compat: CPU-only build and the loss library's tests against the oldest supported torch (2.11, Python 3.12)
+compat: $(STAMP_DEPS)
+	bash tools/compat.sh
+
+# make gpu-check OUT=DIR [WHEELS=DIR]: the whole CUDA path on a GPU machine, at most 8 minutes (tools/gpu_check.py).
+# It uses the python that has torch there (GPU_PYTHON, default python3), not this Makefile's venv.
+GPU_PYTHON ?= python3
+OUT ?= build/gpu-check
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(OUT) $(if $(WHEELS),--wheels $(WHEELS))
+
+# make gpu-wheels: the wheels (CPython 3.12, x86-64) of what the GPU image lacks, into .gpu-wheels/ (about 34 MB,
+# git-ignored), for WHEELS=.gpu-wheels on a machine without a network.
+GPU_WHEELS := pot expecttest mnist1d geomloss liger-kernel
+gpu-wheels: | $(PY)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .gpu-wheels $(GPU_WHEELS)
+
+# The same script without a GPU (CI): build in place, the CPU subset, the sanitizer case list, the report.
+gpu-check-dry-run: $(STAMP_BUILD)
+	$(PY) tools/gpu_check.py $(OUT) --dry-run
 
 clean:
 	rm -rf build kdops/_C*.so .pytest_cache

@@ -18,14 +18,15 @@ import pytest
 import torch
 
 import kdops  # noqa: F401
-from benchmarks.common import DEVICES, QUICK, compiled, forward_backward, run
+from benchmarks.common import DEVICES, compiled, forward_backward, run, sizes
 from kdops import functional as F
 from kdops import reference as R
 
 # (n, d), n = m
-MMD_SHAPES = [(16, 8)] if QUICK else [(256, 128), (256, 512), (1024, 128), (1024, 512), (4096, 128)]
-GAUSS_SHAPES = [(16, 8)] if QUICK else [(256, 128), (1024, 128), (1024, 512), (4096, 512)]
-EXACT_SHAPES = [(16, 8)] if QUICK else [(256, 128), (1024, 128), (1024, 512)]
+MMD_SHAPES = sizes([(256, 128), (256, 512), (1024, 128), (1024, 512), (4096, 128)], quick=[(16, 8)],
+                   headline=[(1024, 128), (1024, 512)])
+GAUSS_SHAPES = sizes([(256, 128), (1024, 128), (1024, 512), (4096, 512)], quick=[(16, 8)], headline=[(1024, 512)])
+EXACT_SHAPES = sizes([(256, 128), (1024, 128), (1024, 512)], quick=[(16, 8)], headline=[(1024, 128)])
 KERNELS = ["linear", "rbf", "poly"]
 
 

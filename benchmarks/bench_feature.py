@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import kdops  # noqa: F401
-from benchmarks.common import DEVICES, QUICK, compiled, forward_backward, run, shape_id
+from benchmarks.common import DEVICES, compiled, dtypes, forward_backward, modes, run, shape_id, sizes
 from kdops import functional as F
 from kdops import reference as R
 
-PL2_SHAPES = [(4, 16, 4, 4)] if QUICK else [(128, 256, 8, 8), (64, 512, 16, 16), (256, 64, 32, 32)]
+PL2_SHAPES = sizes([(128, 256, 8, 8), (64, 512, 16, 16), (256, 64, 32, 32)], quick=[(4, 16, 4, 4)],
+                   headline=[(64, 512, 16, 16), (128, 256, 8, 8)])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PL2_PROVIDERS = {"kdops": lambda: F.partial_l2_loss, "eager": lambda: R.partial_l2_loss,
              "compiled": lambda: compiled(R.partial_l2_loss)}
@@ -38,8 +39,8 @@ def check_against_reference(s, t, m):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", modes(["fwd", "fwd+bwd"]))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES, headline=("fp32", "bf16")))
 @pytest.mark.parametrize("shape", PL2_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", list(PL2_PROVIDERS))
 def test_partial_l2(benchmark, provider, shape, dtype, mode, device):
@@ -56,7 +57,7 @@ def test_partial_l2(benchmark, provider, shape, dtype, mode, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES, headline=("fp32", "bf16")))
 @pytest.mark.parametrize("shape", PL2_SHAPES, ids=shape_id)
 def test_floor_clone(benchmark, shape, dtype, device):
     """The bandwidth floor: one clone() of the student map."""
@@ -65,7 +66,7 @@ def test_floor_clone(benchmark, shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES, headline=("fp32", "bf16")))
 @pytest.mark.parametrize("shape", PL2_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", ["add"])
 def test_three_stream_pass(benchmark, provider, shape, dtype, device):
@@ -76,7 +77,7 @@ def test_three_stream_pass(benchmark, provider, shape, dtype, device):
     run(benchmark, "partial_l2", lambda: torch.add(s, t), device, shape=shape_id(shape), dtype=dtype, mode="fwd+bwd")
 
 
-LOGSUM_SHAPES = [(8, 64)] if QUICK else [(256, 512), (256, 2048), (1024, 2048)]
+LOGSUM_SHAPES = sizes([(256, 512), (256, 2048), (1024, 2048)], quick=[(8, 64)], headline=[(1024, 2048)])
 
 
 def kdops_logsum(a, b):
@@ -92,8 +93,8 @@ LOGSUM_PROVIDERS = {"kdops": lambda: kdops_logsum, "eager": lambda: reference_lo
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", modes(["fwd", "fwd+bwd"]))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES, headline=("fp32", "bf16")))
 @pytest.mark.parametrize("shape", LOGSUM_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", list(LOGSUM_PROVIDERS))
 def test_logsum(benchmark, provider, shape, dtype, mode, device):
@@ -113,7 +114,7 @@ def test_logsum(benchmark, provider, shape, dtype, mode, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES, headline=("fp32", "bf16")))
 @pytest.mark.parametrize("shape", LOGSUM_SHAPES, ids=shape_id)
 def test_logsum_floor_clone(benchmark, shape, dtype, device):
     """The bandwidth floor: one clone() of each input."""

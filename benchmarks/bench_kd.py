@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import kdops  # noqa: F401
-from benchmarks.common import DEVICES, QUICK, compiled, forward_backward, run, shape_id
+from benchmarks.common import DEVICES, compiled, dtypes, forward_backward, modes, run, shape_id, sizes
 from kdops import functional as F
 from kdops import reference as R
 
-SHAPES = [(64, 100), (16, 3000)] if QUICK else [(4096, 1000), (1024, 32000), (256, 100)]
+SHAPES = sizes([(4096, 1000), (1024, 32000), (256, 100)], quick=[(64, 100), (16, 3000)])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = {"kdops": lambda: F.kd_loss, "eager": lambda: R.kd_loss, "compiled": lambda: compiled(R.kd_loss)}
 
@@ -40,8 +40,8 @@ def check_against_reference(s, t, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", modes(["fwd", "fwd+bwd"]))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_kd_loss(benchmark, provider, shape, dtype, mode, device):
@@ -58,7 +58,7 @@ def test_kd_loss(benchmark, provider, shape, dtype, mode, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", dtypes(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_floor_exp_both_inputs(benchmark, shape, dtype, device):
     """The floor: one torch.exp pass over student and teacher logits."""

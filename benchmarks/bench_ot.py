@@ -26,12 +26,13 @@ import torch
 from geomloss import SamplesLoss
 
 import kdops  # noqa: F401
-from benchmarks.common import DEVICES, QUICK, peak_memory_mib, run
+from benchmarks.common import DEVICES, QUICK, peak_memory_mib, run, sizes
 from kdops import functional as F
 
 EPS, ITERS = 0.05, 100
 # (n, d), n = m
-SHAPES = [(32, 8)] if QUICK else [(256, 128), (512, 256), (1024, 256), (1024, 2048), (4096, 256)]
+SHAPES = sizes([(256, 128), (512, 256), (1024, 256), (1024, 2048), (4096, 256)], quick=[(32, 8)],
+               headline=[(1024, 256)])
 FWD_SHAPES = SHAPES[:1] if QUICK else [(1024, 256)]
 PROVIDERS = ["kdops", "kdops-online", "pot", "geomloss", "floor"]
 

@@ -15,17 +15,18 @@ import pytest
 import torch
 
 import kdops  # noqa: F401
-from benchmarks.common import DEVICES, QUICK, compiled, forward_backward, run
+from benchmarks.common import DEVICES, QUICK, compiled, forward_backward, run, sizes
 from kdops import functional as F
 from kdops import reference as R
 
 BATCH = ["rkd_angle", "rkd_distance", "sp", "fkd", "pkt", "cc"]
 # (b, d): b = 64, 128, 256, 512 at d = 512, and d = 128, 2048 at b = 256
-SIZES = [(16, 8)] if QUICK else [(64, 512), (128, 512), (256, 128), (256, 512), (256, 2048), (512, 512)]
+SIZES = sizes([(64, 512), (128, 512), (256, 128), (256, 512), (256, 2048), (512, 512)], quick=[(16, 8)],
+              headline=[(256, 512), (512, 512)])
 EAGER_MAX_B = {"rkd_angle": 16 if QUICK else 256}
-MAPS = {"nst": [(4, 8, 2, 2)] if QUICK else [(64, 256, 8, 8), (32, 128, 16, 16)],
-        "fsp": [(4, 8, 2, 2)] if QUICK else [(64, 256, 8, 8), (32, 128, 16, 16)],
-        "at": [(4, 8, 2, 2)] if QUICK else [(128, 256, 8, 8), (64, 128, 32, 32)]}
+MAPS = {"nst": sizes([(64, 256, 8, 8), (32, 128, 16, 16)], quick=[(4, 8, 2, 2)], headline=[(64, 256, 8, 8)]),
+        "fsp": sizes([(64, 256, 8, 8), (32, 128, 16, 16)], quick=[(4, 8, 2, 2)], headline=[(64, 256, 8, 8)]),
+        "at": sizes([(128, 256, 8, 8), (64, 128, 32, 32)], quick=[(4, 8, 2, 2)], headline=[(64, 128, 32, 32)])}
 PROVIDERS = ["kdops", "eager", "compiled", "floor"]
 
 

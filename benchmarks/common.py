@@ -9,6 +9,29 @@ import torch
 
 # KDOPS_BENCH_QUICK=1 (CI) runs every benchmark once on tiny sizes so the files cannot rot.
 QUICK = os.environ.get("KDOPS_BENCH_QUICK", "") == "1"
+# KDOPS_BENCH_HEADLINE=1 (the GPU check, tools/gpu_check.py) runs the README's headline rows only: their
+# shapes, forward + backward, fp32 (and the dtypes a headline row names), so that a short lease covers them.
+HEADLINE = os.environ.get("KDOPS_BENCH_HEADLINE", "") == "1"
+
+
+def sizes(full, quick, headline=None):
+    """The shapes a benchmark runs: `quick` in quick mode, `headline` (default: all of `full`) in headline
+    mode, `full` otherwise."""
+    if QUICK:
+        return quick
+    if HEADLINE and headline is not None:
+        return headline
+    return full
+
+
+def modes(full, headline=("fwd+bwd",)):
+    """The modes (fwd, fwd+bwd) a benchmark runs; headline mode keeps forward + backward."""
+    return [m for m in full if m in headline] if HEADLINE else list(full)
+
+
+def dtypes(full, headline=("fp32",)):
+    """The dtype names a benchmark runs; headline mode keeps fp32 unless a headline row names another."""
+    return [d for d in full if d in headline] if HEADLINE else list(full)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 

@@ -37,3 +37,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["pytest"] + sys.argv[1:]),
     }
+
+
+def pytest_collection_modifyitems(items):
+    """Marks the benchmarks that run on a CUDA device `cuda`, so that `pytest benchmarks -m cuda` selects them."""
+    import pytest
+
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and spec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.cuda)

@@ -15,6 +15,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
+def pytest_collection_modifyitems(items):
+    """Marks every test that runs on a CUDA device `cuda` (device-parametrized ones and @needs_cuda ones), so
+    that `pytest -m cuda` selects exactly the CUDA tests (the GPU check, tools/gpu_check.py, does)."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        on_cuda = spec is not None and any(str(v) == "cuda" or str(v).startswith("cuda:") for v in spec.params.values())
+        if on_cuda or any(m.kwargs.get("reason") == needs_cuda.kwargs["reason"] for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

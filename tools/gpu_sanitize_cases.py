@@ -1,0 +1,97 @@
+"""A small, fast call of every kdops CUDA kernel, forward and backward, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python tools/gpu_sanitize_cases.py [--device cuda]
+
+Every public loss of kdops.functional (the cases of python_tests/loss_cases.py, so a new loss is covered as
+soon as it has a case) in fp32 and bf16, plus the op variants those cases do not reach: KD rows masked by
+ignore_index, MMD's saved and recomputed weight blocks and its poly kernel, Sinkhorn's online backend and
+batched problems, partial L2 through its op pair. `--device cpu` runs the same calls on the CPU (the dry run
+of the GPU check keeps this list working there). Prints one line per call and exits non-zero if one raised.
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "python_tests"))
+
+from kdops import functional as F  # noqa: E402
+from loss_cases import CASES, make, with_grad  # noqa: E402
+
+
+def call_case(name, dtype, device):
+    case = CASES[name]
+    args, kwargs = make(name, dtype, dtype, device)
+    args, leaves = with_grad(case, args)
+    out = getattr(F, name)(*args, **kwargs)
+    total = out.float().sum()
+    torch.autograd.grad(total, leaves, allow_unused=True)
+
+
+def extra_calls(device):
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    def kd_masked():
+        s, t = randn(6, 3, 37), randn(6, 3, 37)
+        y = torch.randint(0, 37, (6, 3), generator=g).to(device)
+        y[0, 1] = -100
+        for fn in (F.kd_loss, F.jsd_loss, F.dkd_loss):
+            loss = fn(s, t, target=y) if fn is not F.dkd_loss else fn(s, t, y)
+            torch.autograd.grad(loss, (s, t))
+
+    def kd_wide_rows():
+        s, t = randn(3, 5000, dtype=torch.bfloat16), randn(3, 5000, dtype=torch.bfloat16)
+        torch.autograd.grad(F.reverse_kd_loss(s, t), (s, t))
+
+    def mmd_blocks():
+        x, y = randn(40, 6), randn(33, 6)
+        for kernel in ("rbf", "poly", "linear"):
+            for save in (None, True, False):
+                torch.autograd.grad(F.mmd(x, y, kernel=kernel, save_blocks=save), (x, y))
+
+    def sinkhorn_backends():
+        x, y = randn(3, 70, 4), randn(3, 50, 4)
+        for backend in ("tensorized", "online"):
+            torch.autograd.grad(F.sinkhorn(x, y, eps=0.5, backend=backend, debias=True).sum(), (x, y))
+
+    def partial_l2_ops():
+        s, t = randn(2, 5, 7, 3), randn(2, 5, 7, 3)
+        m = -torch.rand(5, generator=g).to(device)
+        per_sample = torch.ops.kdops.partial_l2(s, t, m)
+        torch.autograd.grad(per_sample.sum(), (s, t))
+
+    return {"kd masked rows": kd_masked, "kd wide rows bf16": kd_wide_rows, "mmd blocks": mmd_blocks,
+            "sinkhorn backends": sinkhorn_backends, "partial_l2 op pair": partial_l2_ops}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    calls = [("%s %s" % (name, str(dt).replace("torch.", "")), (lambda n=name, d=dt: call_case(n, d, args.device)))
+             for name in sorted(CASES) for dt in (torch.float32, torch.bfloat16)]
+    calls += list(extra_calls(args.device).items())
+    failed = 0
+    for label, fn in calls:
+        try:
+            fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            print("ok   %s" % label, flush=True)
+        except Exception:  # report every failure, then fail
+            failed += 1
+            print("FAIL %s\n%s" % (label, traceback.format_exc()), flush=True)
+    print("%d calls, %d failed" % (len(calls), failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
