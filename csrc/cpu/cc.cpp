@@ -22,15 +22,17 @@ namespace kdops {
 namespace cpu {
 namespace {
 
+// The squares are summed in double: a float difference of C beyond 1.8e19 (Gram entries of 1e6 at order 3)
+// is representable, its square is not.
 template <typename T, int K>
-KDOPS_CPU_CLONES T row_sq_diff(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale) {
-  T l = 0;
+KDOPS_CPU_CLONES double row_sq_diff(const T* s, const T* t, int64_t b, T two_gamma, int order, T scale) {
+  double l = 0;
 #pragma omp simd reduction(+ : l)
   for (int64_t j = 0; j < b; ++j) {
     T ds, dt;
     const T d = scale * (cc::series<T, K>(s[j], two_gamma, order, ds) -  //
                          cc::series<T, K>(t[j], two_gamma, order, dt));
-    l += d * d;
+    l += double(d) * double(d);
   }
   return l;
 }

@@ -84,10 +84,10 @@ RowState<acc_t> fold_chunk(const RowState<acc_t>& state, const acc_t* s, const a
 
 template <typename acc_t>
 KDOPS_CPU_CLONES void jsd_chunk(const acc_t* s, const acc_t* t, int64_t n, const acc_t* stats, acc_t inv_t,
-                                acc_t log_beta, acc_t log_1m_beta, acc_t& kl_sm, acc_t& kl_tm) {
+                                acc_t beta, acc_t one_m_beta, acc_t& kl_sm, acc_t& kl_tm) {
   acc_t a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-  for (int64_t i = 0; i < n; ++i) kd::jsd_accumulate(s[i], t[i], stats, inv_t, log_beta, log_1m_beta, a, b);
+  for (int64_t i = 0; i < n; ++i) kd::jsd_accumulate(s[i], t[i], stats, inv_t, beta, one_m_beta, a, b);
   kl_sm += a;
   kl_tm += b;
 }
@@ -127,7 +127,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
                   at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
-  const acc_t lw1 = log_(acc_t(w1)), lw2 = log_(acc_t(w2));
+  const acc_t beta = acc_t(w1), one_m_beta = acc_t(w2);  // JSD only
   at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
     ChunkReader<scalar_t, acc_t> rs, rt;
     for (int64_t r = r0; r < r1; ++r) {
@@ -157,7 +157,7 @@ void forward_rows(const scalar_t* student, const scalar_t* teacher, const int64_
         for_each_chunk(C, -1, [&](int64_t c0, int64_t c1) {
           const acc_t* cs = rs.read(s + c0, c1 - c0);
           const acc_t* ct = rt.read(t + c0, c1 - c0);
-          jsd_chunk<acc_t>(cs, ct, c1 - c0, st_row, inv_t, lw1, lw2, kl_sm, kl_tm);
+          jsd_chunk<acc_t>(cs, ct, c1 - c0, st_row, inv_t, beta, one_m_beta, kl_sm, kl_tm);
         });
         value = kd::jsd_finish(kl_sm, kl_tm, acc_t(w1), st_row);
       }

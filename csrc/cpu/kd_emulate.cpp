@@ -1,7 +1,8 @@
 // Host emulation of the CUDA forward of kd_div, so that the CPU test suite executes the device-only math
 // (kd::push, the online one-exp update, and kd::merge in a block-reduction tree) on machines without a GPU.
 // Each of `threads` virtual threads folds its strided share of a row with kd::push, exactly as a CUDA
-// thread does; the states are then merged pairwise in a tree, as CUB's block reduction does. Test use only.
+// thread does; the states are then merged in the order of CUB's block reduction (cpu/block_emulate.h). Test use
+// only.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/block_emulate.h"
 #include "kdops/kd_host.h"
 #include "kdops/kd_math.h"
 
@@ -18,14 +20,6 @@ namespace {
 
 using kd::Divergence;
 using kd::RowState;
-
-template <typename T, typename Merge>
-T tree_reduce(std::vector<T> v, Merge&& merge) {
-  for (size_t width = 1; width < v.size(); width *= 2) {
-    for (size_t i = 0; i + width < v.size(); i += 2 * width) v[i] = merge(v[i], v[i + width]);
-  }
-  return v[0];
-}
 
 template <typename scalar_t, Divergence D>
 void emulate_rows(const kd::KdCall& c, double temperature, int64_t ignore_index, int64_t threads) {
@@ -54,18 +48,20 @@ void emulate_rows(const kd::KdCall& c, double temperature, int64_t ignore_index,
       }
     }
     const RowState<scalar_t> state =
-        tree_reduce(states, [&](const RowState<scalar_t>& a, const RowState<scalar_t>& b) { return kd::merge(a, b, inv_t); });
+        block_reduce_emulated(states, [&](const RowState<scalar_t>& a, const RowState<scalar_t>& b) {
+          return kd::merge(a, b, inv_t);
+        });
     const scalar_t xs_y = skip >= 0 ? s[skip] : scalar_t(0), xt_y = skip >= 0 ? t[skip] : scalar_t(0);
     scalar_t value = kd::finish_row<D>(state, inv_t, scalar_t(c.w1), scalar_t(c.w2), xs_y, xt_y, st_row);
     if (D == Divergence::JSD) {
-      const scalar_t lw1 = log_(scalar_t(c.w1)), lw2 = log_(scalar_t(c.w2));
+      const scalar_t w1 = scalar_t(c.w1), w2 = scalar_t(c.w2);
       std::vector<std::pair<scalar_t, scalar_t>> sums(threads, {scalar_t(0), scalar_t(0)});
       for (int64_t tid = 0; tid < threads; ++tid) {
         for (int64_t k = tid; k < c.C; k += threads) {
-          kd::jsd_accumulate(s[k], t[k], st_row, inv_t, lw1, lw2, sums[tid].first, sums[tid].second);
+          kd::jsd_accumulate(s[k], t[k], st_row, inv_t, w1, w2, sums[tid].first, sums[tid].second);
         }
       }
-      const auto total = tree_reduce(sums, [](const auto& a, const auto& b) {
+      const auto total = block_reduce_emulated(sums, [](const auto& a, const auto& b) {
         return std::make_pair(a.first + b.first, a.second + b.second);
       });
       value = kd::jsd_finish(total.first, total.second, scalar_t(c.w1), st_row);

@@ -30,16 +30,17 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cc_rows_kernel(const T* __restrict__ gs, const T* __restrict__ gt,
                                                            int64_t b, T two_gamma, int order, T scale,
-                                                           T* __restrict__ rows) {
-  using Reduce = cub::BlockReduce<T, kThreads>;
+                                                           double* __restrict__ rows) {
+  // the squares are summed in double: a float difference of C beyond 1.8e19 is representable, its square not
+  using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const int64_t i = blockIdx.x;
-  T acc = 0;
+  double acc = 0;
   for (int64_t j = threadIdx.x; j < b; j += kThreads) {
     T ds, dt;
     const T d = scale * (cc::series(gs[i * b + j], two_gamma, order, ds) -  //
                          cc::series(gt[i * b + j], two_gamma, order, dt));
-    acc += d * d;
+    acc += double(d) * double(d);
   }
   acc = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) rows[i] = acc;
@@ -62,11 +63,11 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor row_sums(const at::Tensor& gs, const at::Tensor& gt, double gamma, int64_t order) {
   const int64_t b = gs.size(0);
-  at::Tensor rows = at::empty({b}, gs.options());
+  at::Tensor rows = at::empty({b}, gs.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "cc_gram_cuda", [&] {
     cc_rows_kernel<scalar_t><<<b, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), b, scalar_t(2 * gamma), int(order),
-        scalar_t(std::exp(-2 * gamma)), rows.mutable_data_ptr<scalar_t>());
+        scalar_t(std::exp(-2 * gamma)), rows.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return rows;
@@ -75,7 +76,7 @@ at::Tensor row_sums(const at::Tensor& gs, const at::Tensor& gt, double gamma, in
 struct CudaDev {
   static at::Tensor forward(const at::Tensor& gs, const at::Tensor& gt, double gamma, int64_t order) {
     const int64_t b = gs.size(0);
-    return at::sqrt(row_sums(gs, gt, gamma, order).sum()) / (double(b) * double(b));
+    return (at::sqrt(row_sums(gs, gt, gamma, order).sum()) / (double(b) * double(b))).to(gs.scalar_type());
   }
 
   static void backward(const at::Tensor& gs, const at::Tensor& gt, bool need_s, bool need_t, at::Tensor& dgs,
@@ -83,7 +84,8 @@ struct CudaDev {
     const int64_t b = gs.size(0), total = gs.numel();
     const at::Tensor norm = at::sqrt(row_sums(gs, gt, gamma, order).sum());
     const double factors = std::exp(-4 * gamma) * 2 * gamma;
-    const at::Tensor cf = at::where(norm > 0, factors / (norm * (double(b) * double(b))), at::zeros_like(norm));
+    const at::Tensor cf =
+        at::where(norm > 0, factors / (norm * (double(b) * double(b))), at::zeros_like(norm)).to(gs.scalar_type());
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "cc_gram_backward_cuda", [&] {
       cc_grad_kernel<scalar_t><<<blocks_for(total),
                                  kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -96,10 +96,9 @@ __global__ void __launch_bounds__(kBlock) kd_div_forward_kernel(const scalar_t* 
   }
   if (D == Divergence::JSD) {
     __syncthreads();  // row_stats complete; tmp free again
-    const acc_t lw1 = log_(w1), lw2 = log_(w2);
     Pair<acc_t> p{acc_t(0), acc_t(0)};
     for (int64_t k = threadIdx.x; k < C; k += kBlock) {
-      kd::jsd_accumulate(acc_t(s[k]), acc_t(t[k]), row_stats, inv_t, lw1, lw2, p.a, p.b);
+      kd::jsd_accumulate(acc_t(s[k]), acc_t(t[k]), row_stats, inv_t, w1, w2, p.a, p.b);
     }
     p = PairReduce(tmp.pair).Reduce(p, SumPairs{});
     if (threadIdx.x == 0) {

@@ -11,6 +11,8 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -36,6 +38,7 @@ __global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(const scal
                                                                       const scalar_t* __restrict__ t,
                                                                       const at::opmath_type<scalar_t>* __restrict__ m,
                                                                       int64_t per_sample, int64_t hw, int64_t C,
+                                                                      int64_t chunks, int64_t n_items,
                                                                       at::opmath_type<scalar_t> scale,
                                                                       at::opmath_type<scalar_t>* __restrict__ partials,
                                                                       scalar_t* __restrict__ gs,
@@ -43,24 +46,29 @@ __global__ void __launch_bounds__(kThreads) partial_l2_forward_kernel(const scal
   using acc_t = at::opmath_type<scalar_t>;
   using Reduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const int64_t b = blockIdx.y;
-  const int64_t begin = int64_t(blockIdx.x) * kChunk;
-  const int64_t end = std::min(per_sample, begin + kChunk);
-  const int64_t base = b * per_sample;
-  acc_t sum = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const acc_t si = acc_t(s[base + i]), ti = acc_t(t[base + i]), mi = m[(i / hw) % C];
-    if (WS || WT) {
-      acc_t a, g;
-      sum += feature::partial_l2_term_grad(si, ti, mi, scale, a, g);
-      if (WS) gs[base + i] = static_cast<scalar_t>(a);
-      if (WT) gt[base + i] = static_cast<scalar_t>(g);
-    } else {
-      sum += feature::partial_l2_term(si, ti, mi);
+  // One (sample, chunk) work item per block, grid-stride over the B * chunks items: no grid dimension limits
+  // the batch. The loop bound is the same for every thread of a block, so each barrier is reached by all.
+  for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int64_t b = item / chunks;
+    const int64_t begin = (item % chunks) * kChunk;
+    const int64_t end = std::min(per_sample, begin + kChunk);
+    const int64_t base = b * per_sample;
+    acc_t sum = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      const acc_t si = acc_t(s[base + i]), ti = acc_t(t[base + i]), mi = m[(i / hw) % C];
+      if (WS || WT) {
+        acc_t a, g;
+        sum += feature::partial_l2_term_grad(si, ti, mi, scale, a, g);
+        if (WS) gs[base + i] = static_cast<scalar_t>(a);
+        if (WT) gt[base + i] = static_cast<scalar_t>(g);
+      } else {
+        sum += feature::partial_l2_term(si, ti, mi);
+      }
     }
+    sum = Reduce(tmp).Sum(sum);
+    if (threadIdx.x == 0) partials[item] = sum;
+    __syncthreads();  // tmp is reused by the next item's reduction
   }
-  sum = Reduce(tmp).Sum(sum);
-  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
 }
 
 template <typename scalar_t, bool WS, bool WT>
@@ -87,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) margin_relu_kernel(const scalar_t* _
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     const acc_t mc = m[(i / hw) % C];
     if (Backward) {
-      out[i] = acc_t(x[i]) > mc ? grad[i] : scalar_t(0);
+      out[i] = static_cast<scalar_t>(feature::margin_relu_grad(acc_t(grad[i]), acc_t(x[i]), mc));
     } else {
       out[i] = static_cast<scalar_t>(feature::margin_relu(acc_t(x[i]), mc));
     }
@@ -105,15 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_impl(const char* op, c
   const int64_t chunks = std::max<int64_t>(1, (per_sample + kChunk - 1) / kChunk);
   at::Tensor partials = at::empty({B, chunks}, m.options());
   if (B == 0 || per_sample == 0) return {partials.zero_().sum(1), gs, gt};
-  TORCH_CHECK(B <= 65535 && chunks <= std::numeric_limits<int32_t>::max(), op, ": too large a map: ", s.sizes());
+  const int64_t n_items = B * chunks;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n_items, std::numeric_limits<int32_t>::max()));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "partial_l2_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto launch = [&](auto ws, auto wt) {
       partial_l2_forward_kernel<scalar_t, decltype(ws)::value, decltype(wt)::value>
-          <<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(
+          <<<blocks, kThreads, 0, stream>>>(
               s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(), per_sample, hw,
-              C, acc_t(scale), partials.mutable_data_ptr<acc_t>(),
+              C, chunks, n_items, acc_t(scale), partials.mutable_data_ptr<acc_t>(),
               student_grad ? gs.mutable_data_ptr<scalar_t>() : nullptr,
               teacher_grad ? gt.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

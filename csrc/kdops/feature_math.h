@@ -14,6 +14,20 @@ KDOPS_HOST_DEVICE acc_t margin_relu(acc_t t, acc_t m) {
   return m > t ? m : t;
 }
 
+// d max(t, m) / dt as torch.maximum (the released code's torch.max) defines it: 1 above the margin, 1/2 at a
+// tie, 0 below (and for NaN).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t margin_relu_slope(acc_t t, acc_t m) {
+  return t > m ? acc_t(1) : (t == m ? acc_t(0.5) : acc_t(0));
+}
+
+// The gradient through max(t, m): g times the slope, exactly 0 (even for a non-finite g) below the margin.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t margin_relu_grad(acc_t g, acc_t t, acc_t m) {
+  const acc_t slope = margin_relu_slope(t, m);
+  return slope > acc_t(0) ? g * slope : acc_t(0);
+}
+
 // Partial-L2 mask: false only where s <= t^ <= 0; NaN keeps the position, so NaN reaches the sum.
 template <typename acc_t>
 KDOPS_HOST_DEVICE bool partial_l2_keep(acc_t s, acc_t th) {
@@ -29,14 +43,15 @@ KDOPS_HOST_DEVICE acc_t partial_l2_term(acc_t s, acc_t t, acc_t m) {
 }
 
 // The term and, in the same evaluation, the gradients of g * term w.r.t. s and t (t^ = max(t, m) passes
-// gradient only where t > m).
+// the gradient where t > m, half of it at a tie t == m: margin_relu_slope).
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t partial_l2_term_grad(acc_t s, acc_t t, acc_t m, acc_t g, acc_t& gs, acc_t& gt) {
   const acc_t th = margin_relu(t, m);
   const acc_t d = s - th;
   const bool keep = partial_l2_keep(s, th);
   gs = keep ? acc_t(2) * d * g : acc_t(0);
-  gt = (keep && t > m) ? -gs : acc_t(0);
+  const acc_t slope = margin_relu_slope(t, m);
+  gt = (keep && slope > acc_t(0)) ? -gs * slope : acc_t(0);
   return keep ? d * d : acc_t(0);
 }
 

@@ -100,16 +100,23 @@ KDOPS_HOST_DEVICE void push(RowState<acc_t>& st, acc_t xs, acc_t xt, acc_t inv_t
 }
 
 // KL(p_t || p_s) from the row state and its stored log-normalisers (store_stats first); 0 over an empty set.
+// A divergence is >= 0, but the forms below add terms of the size of the logits / T that cancel for nearly
+// equal distributions, and rounding can leave the sum slightly negative: that is clamped to 0 (NaN passes).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t nonnegative(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t kl_teacher_student(const RowState<acc_t>& st, acc_t inv_t, const acc_t* stats) {
   if (st.zt == acc_t(0)) return acc_t(0);  // NaN must not take this exit
-  return st.at / st.zt + (st.ms - st.mt) * inv_t + stats[1] - stats[3];
+  return nonnegative(st.at / st.zt + (st.ms - st.mt) * inv_t + stats[1] - stats[3]);
 }
 
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t kl_student_teacher(const RowState<acc_t>& st, acc_t inv_t, const acc_t* stats) {
   if (st.zs == acc_t(0)) return acc_t(0);
-  return st.as / st.zs + (st.mt - st.ms) * inv_t + stats[3] - stats[1];
+  return nonnegative(st.as / st.zs + (st.mt - st.ms) * inv_t + stats[3] - stats[1]);
 }
 
 // E_pt[t - s] and E_ps[s - t] from the row state; 0 over an empty set of classes.
@@ -134,22 +141,35 @@ KDOPS_HOST_DEVICE void store_stats(const RowState<acc_t>& st, acc_t v1, acc_t v2
 }
 
 // ---- JSD: needs the normalisers first, so its forward makes a second pass over the row. ----
-// log m with m = beta * p_t + (1 - beta) * p_s, from log-probabilities.
+// rs = log p_s - log m and rt = log p_t - log m for the mixture m = beta * p_t + (1 - beta) * p_s, from the
+// log-probabilities. Formed from d = lt - ls, not as ls - logaddexp(...): m / p_s = 1 + beta * (e^d - 1) where
+// d <= 0 (and m / p_t = 1 + (1 - beta) * (e^-d - 1) where d > 0), so equal rows give exactly 0 and the error
+// does not grow with |log p| (log-probabilities of 1e5 at T = 100 and logits of 1e4 left 1e-4 behind).
+// Where the weighted term is below -1/2 the argument is summed as (1 - w) + w * e instead, which keeps its
+// relative accuracy as it approaches 0 (beta = 0 or 1).
 template <typename acc_t>
-KDOPS_HOST_DEVICE acc_t log_mixture(acc_t ls, acc_t lt, acc_t log_beta, acc_t log_1m_beta) {
-  return logaddexp_(lt + log_beta, ls + log_1m_beta);
+KDOPS_HOST_DEVICE void jsd_log_ratios(acc_t ls, acc_t lt, acc_t beta, acc_t one_m_beta, acc_t& rs, acc_t& rt) {
+  const acc_t d = lt - ls;
+  const bool lower = d <= acc_t(0);  // p_t <= p_s; NaN goes the other way and stays NaN
+  const acc_t w = lower ? beta : one_m_beta, w_other = lower ? one_m_beta : beta;
+  const acc_t e = exp_(lower ? d : -d);
+  const acc_t u = w * (e - acc_t(1));
+  const acc_t r = -log_pos_(u > acc_t(-0.5) ? acc_t(1) + u : w_other + w * e);
+  rs = lower ? r : r - d;
+  rt = lower ? r + d : r;
 }
 
 template <typename acc_t>
-KDOPS_HOST_DEVICE void jsd_accumulate(acc_t xs, acc_t xt, const acc_t* stats, acc_t inv_t, acc_t log_beta,
-                                      acc_t log_1m_beta, acc_t& kl_sm, acc_t& kl_tm) {
+KDOPS_HOST_DEVICE void jsd_accumulate(acc_t xs, acc_t xt, const acc_t* stats, acc_t inv_t, acc_t beta,
+                                      acc_t one_m_beta, acc_t& kl_sm, acc_t& kl_tm) {
   const acc_t ls = (xs - stats[0]) * inv_t - stats[1];
   const acc_t lt = (xt - stats[2]) * inv_t - stats[3];
-  const acc_t lm = log_mixture(ls, lt, log_beta, log_1m_beta);
+  acc_t rs, rt;
+  jsd_log_ratios(ls, lt, beta, one_m_beta, rs, rt);
   const acc_t ps = exp_(ls);
   const acc_t pt = exp_(lt);
-  kl_sm += ps > acc_t(0) ? ps * (ls - lm) : acc_t(0);
-  kl_tm += pt > acc_t(0) ? pt * (lt - lm) : acc_t(0);
+  kl_sm += ps > acc_t(0) ? ps * rs : acc_t(0);
+  kl_tm += pt > acc_t(0) ? pt * rt : acc_t(0);
 }
 
 // ---- DKD (decoupled KD): target-class part on binary distributions, non-target part on the rest. ----
@@ -182,7 +202,7 @@ KDOPS_HOST_DEVICE DkdRow<acc_t> dkd_row(const acc_t* stats, acc_t xs_y, acc_t xt
   const acc_t bt_y = exp_(r.lbt_y), bt_n = exp_(r.lbt_n);
   const acc_t ry = bt_y > acc_t(0) ? r.lbt_y - r.lbs_y : acc_t(0);
   const acc_t rn = bt_n > acc_t(0) ? r.lbt_n - r.lbs_n : acc_t(0);
-  r.tckd = bt_y * ry + bt_n * rn;
+  r.tckd = nonnegative(bt_y * ry + bt_n * rn);
   r.dr = ry - rn;
   return r;
 }
@@ -192,8 +212,7 @@ template <typename acc_t>
 struct GradRow {
   acc_t ms, lzs, mt, lzt, v1, v2;
   acc_t inv_t, scale;
-  acc_t w1, w2;  // JSD: beta, 1 - beta (and their logs in lw1, lw2). DKD: alpha, beta
-  acc_t lw1, lw2;
+  acc_t w1, w2;  // JSD: beta, 1 - beta. DKD: alpha, beta
   // DKD only: gradient coefficients of the target-class part
   acc_t ds_n;      // bs_n - bt_n
   acc_t ct;        // bt_y * bt_n * dr
@@ -214,11 +233,7 @@ KDOPS_HOST_DEVICE GradRow<acc_t> grad_row(const acc_t* stats, acc_t grad, acc_t 
   g.scale = grad * inv_t;
   g.w1 = w1;
   g.w2 = w2;
-  g.lw1 = g.lw2 = g.ds_n = g.ct = g.gs_y = g.gt_y = acc_t(0);
-  if (D == Divergence::JSD) {  // w1 = beta, w2 = 1 - beta
-    g.lw1 = log_(w1);
-    g.lw2 = log_(w2);
-  }
+  g.ds_n = g.ct = g.gs_y = g.gt_y = acc_t(0);
   if (D == Divergence::DKD) {
     const DkdRow<acc_t> r = dkd_row(stats, xs_y, xt_y, inv_t);
     const acc_t bs_y = exp_(r.lbs_y), bs_n = exp_(r.lbs_n);
@@ -246,9 +261,10 @@ KDOPS_HOST_DEVICE void grad_elem(const GradRow<acc_t>& g, acc_t xs, acc_t xt, ac
     gs = ps > acc_t(0) ? ps * (-d - g.v1) : acc_t(0);
     gt = pt - ps;
   } else if (D == Divergence::JSD) {
-    const acc_t lm = log_mixture(ls, lt, g.lw1, g.lw2);
-    gs = ps > acc_t(0) ? g.w2 * ps * ((ls - lm) - g.v1) : acc_t(0);
-    gt = pt > acc_t(0) ? g.w1 * pt * ((lt - lm) - g.v2) : acc_t(0);
+    acc_t rs, rt;  // w1 = beta, w2 = 1 - beta
+    jsd_log_ratios(ls, lt, g.w1, g.w2, rs, rt);
+    gs = ps > acc_t(0) ? g.w2 * ps * (rs - g.v1) : acc_t(0);
+    gt = pt > acc_t(0) ? g.w1 * pt * (rt - g.v2) : acc_t(0);
   } else {  // DKD, non-target class: ps, pt are the non-target distributions q
     gs = g.w1 * ps * g.ds_n + g.w2 * (ps - pt);
     gt = -g.w1 * pt * g.ct + (pt > acc_t(0) ? g.w2 * pt * (d - g.v1) : acc_t(0));
@@ -285,8 +301,8 @@ KDOPS_HOST_DEVICE acc_t finish_row(const RowState<acc_t>& st, acc_t inv_t, acc_t
 
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t jsd_finish(acc_t kl_sm, acc_t kl_tm, acc_t beta, acc_t* stats) {
-  stats[4] = kl_sm;
-  stats[5] = kl_tm;
+  stats[4] = kl_sm = nonnegative(kl_sm);
+  stats[5] = kl_tm = nonnegative(kl_tm);
   return beta * kl_tm + (acc_t(1) - beta) * kl_sm;
 }
 
