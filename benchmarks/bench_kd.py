@@ -1,5 +1,7 @@
 """KD-family benchmark: kdops vs the eager reference vs torch.compile(reference), forward and
-forward+backward (student gradient), fp32 and bf16, with one torch.exp pass over both inputs as the floor.
+forward+backward (student gradient), fp32 and bf16, with one torch.exp pass over both inputs as the floor. On
+CUDA, where the liger-kernel package is installed, also Liger-Kernel's Triton KL divergence (`liger`: its
+LigerKLDIVLoss on the tempered log-softmaxes, the way its users compute Hinton KD); it has no CPU kernels.
 
     make bench                                   # all benchmarks
     pytest benchmarks/bench_kd.py --benchmark-only --benchmark-json=run.json && python -m benchmarks.report run.json
@@ -18,7 +20,33 @@ from kdops import reference as R
 
 SHAPES = sizes([(4096, 1000), (1024, 32000), (256, 100)], quick=[(64, 100), (16, 3000)])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = {"kdops": lambda: F.kd_loss, "eager": lambda: R.kd_loss, "compiled": lambda: compiled(R.kd_loss)}
+TEMPERATURE = 4.0  # kd_loss's default, with the T^2 scale
+
+
+def liger_kd_loss():
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def loss(s, t):  # T^2 * KL(p_t || p_s) over the batch, as kd_loss
+        return kl(torch.log_softmax(s / TEMPERATURE, -1), torch.log_softmax(t / TEMPERATURE, -1)) * TEMPERATURE ** 2
+
+    return loss
+
+
+def liger_missing(device):
+    """Why the Liger provider cannot run here, or None."""
+    if device != "cuda":
+        return "Liger-Kernel has Triton kernels for CUDA only"
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel is not installed"
+    return None
+
+
+PROVIDERS = {"kdops": lambda: F.kd_loss, "eager": lambda: R.kd_loss, "compiled": lambda: compiled(R.kd_loss),
+             "liger": liger_kd_loss}
 
 
 def make_inputs(shape, dtype, device):
@@ -28,11 +56,11 @@ def make_inputs(shape, dtype, device):
     return s, t
 
 
-def check_against_reference(s, t, dtype):
+def check_against_reference(s, t, dtype, loss_fn=F.kd_loss):
     a = s.detach().double().requires_grad_()
     ref = R.kd_loss(a, t.double())
     ours_s = s.detach().requires_grad_()
-    ours = F.kd_loss(ours_s, t)
+    ours = loss_fn(ours_s, t)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(ours.double(), ref.detach(), **tol)
     torch.testing.assert_close(torch.autograd.grad(ours, ours_s)[0].double(), torch.autograd.grad(ref, a)[0],
@@ -45,10 +73,12 @@ def check_against_reference(s, t, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_kd_loss(benchmark, provider, shape, dtype, mode, device):
+    if provider == "liger" and liger_missing(device):
+        pytest.skip(liger_missing(device))
     s, t = make_inputs(shape, DTYPES[dtype], device)
-    if provider == "kdops":
-        check_against_reference(s, t, DTYPES[dtype])
     loss_fn = PROVIDERS[provider]()
+    if provider in ("kdops", "liger"):
+        check_against_reference(s, t, DTYPES[dtype], loss_fn)
     if mode == "fwd":
         fn = lambda: loss_fn(s, t)  # noqa: E731
     else:

@@ -10,4 +10,10 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
   m.def(
       "sinkhorn_solve(Tensor x, Tensor y, Tensor loga, Tensor logb, float eps, float p, int max_iter, float tol, "
       "float scaling, int check_every, bool online, int tile) -> (Tensor, Tensor, Tensor)");
+  // Test only: sinkhorn_solve with the CUDA row kernel's block algorithm (strided per-thread passes, CUB-order
+  // reductions) run on the host by `threads` virtual threads.
+  m.def(
+      "_sinkhorn_solve_emulate_device(Tensor x, Tensor y, Tensor loga, Tensor logb, float eps, float p, "
+      "int max_iter, float tol, float scaling, int check_every, bool online, int tile, int threads) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -54,6 +54,20 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
   m.def("gram_transform(Tensor gram, int kind) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("gram_transform_backward(Tensor grad, Tensor gram, Tensor out, int kind) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Test only: gram_transform_backward by the CUDA kernels' decomposition (row blocks of `threads` virtual
+  // threads with CUB-order reductions, then the column pass) run on the host.
+  m.def("_gram_transform_backward_emulate_device(Tensor grad, Tensor gram, Tensor out, int kind, int threads) -> Tensor");
+  // Test only, likewise: fkd_gram, pkt_gram and rkd_angle and their backward by the CUDA kernels' decomposition.
+  m.def("_fkd_gram_emulate_device(Tensor gram_s, Tensor kernel_t, bool cosine, float fr_weight, int fr_power, "
+        "int threads) -> Tensor");
+  m.def("_fkd_gram_backward_emulate_device(Tensor grad, Tensor gram_s, Tensor kernel_t, bool cosine, "
+        "float fr_weight, int fr_power, bool student_grad, bool teacher_grad, int threads) -> (Tensor, Tensor)");
+  m.def("_pkt_gram_emulate_device(Tensor gram_s, Tensor gram_t, float eps, int threads) -> Tensor");
+  m.def("_pkt_gram_backward_emulate_device(Tensor grad, Tensor gram_s, Tensor gram_t, float eps, "
+        "bool student_grad, bool teacher_grad, int threads) -> (Tensor, Tensor)");
+  m.def("_rkd_angle_emulate_device(Tensor gram_s, Tensor gram_t, int threads) -> Tensor");
+  m.def("_rkd_angle_backward_emulate_device(Tensor grad, Tensor gram_s, Tensor gram_t, bool student_grad, "
+        "bool teacher_grad, int threads) -> (Tensor, Tensor)");
   // The angle tensor psi[..., a, j, k] = <n_aj, n_ak>, n_aj the unit vector from x_a to x_j (0 for coincident
   // points), from the Gram matrix (n, n) -> (n, n, n) or (B, n, n) -> (B, n, n, n). The backward returns dL/dG.
   m.def("angle_tensor_gram(Tensor gram) -> Tensor", {at::Tag::pt2_compliant_tag});

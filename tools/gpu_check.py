@@ -11,8 +11,8 @@ Steps, each under its share of the time budget (a step that does not fit is skip
  4. every CUDA test (`pytest -m cuda`: the device-parametrized tests' CUDA cases and the CUDA-only ones);
  5. compute-sanitizer memcheck, racecheck and synccheck over tools/gpu_sanitize_cases.py, a small call of every
     kdops kernel forward and backward (only kdops' kernels are checked);
- 6. the CUDA benchmarks at the README's headline shapes (kdops vs eager vs torch.compile, and Liger-Kernel
-    where its benchmark file and wheel are present), timed with CUDA events, with peak memory;
+ 6. the CUDA benchmarks at the README's headline shapes (kdops vs eager vs torch.compile, and Liger-Kernel's
+    KL divergence in bench_kd.py where its wheel is installed), timed with CUDA events, with peak memory;
  7. DIR/report.md (and DIR/summary.json) with what ran, what it measured, what was skipped and why.
 Files written: report.md, summary.json, build.log, tests.log, sanitizer.log, bench.log, bench.json (seven
 files in DIR itself, so that they fit what a short remote run can bring back).

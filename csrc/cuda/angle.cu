@@ -99,6 +99,8 @@ at::Tensor angle_tensor_gram_backward_cuda(const at::Tensor& grad_in, const at::
   const int64_t n = g.size(-1), batches = g.dim() == 3 ? g.size(0) : 1;
   TORCH_CHECK(grad_in.dim() == g.dim() + 1 && grad_in.size(-1) == n && grad_in.numel() == batches * n * n * n,
               "kdops.angle_tensor_gram_backward: grad must be the angle tensor's shape, got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.device() == gram_in.device(), "kdops.angle_tensor_gram_backward: grad must be on ",
+              gram_in.device(), ", got ", grad_in.device());
   if (g.numel() == 0) return at::zeros_like(g);
   const at::Tensor w = grad_in.to(g.scalar_type()).contiguous();
   at::Tensor rw = at::empty_like(g), rq = at::empty_like(g), dg = at::empty_like(g);

@@ -64,6 +64,8 @@ at::Tensor at_map_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f_i
   const int64_t B = f.size(0), C = f.size(1), hw = f.size(2), total = f.numel();
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == B && grad_in.size(1) == hw,
               "kdops.at_map_backward: grad must be (b, HW) = (", B, ", ", hw, "), got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.device() == f_in.device(), "kdops.at_map_backward: grad must be on ", f_in.device(), ", got ",
+              grad_in.device());
   const at::Tensor g = grad_in.to(f.scalar_type()).contiguous();
   at::Tensor out = at::empty(f.sizes(), f.options());
   if (total == 0) return out;

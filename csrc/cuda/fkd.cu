@@ -22,13 +22,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__device__ T scale_at(const T* g, int64_t b, int64_t j, bool cosine) {
-  return fkd::scale_of(g[j * b + j], cosine);
-}
-
 // Mode 0: rows[i] = sum_j (rho_ij - K_ij)^2 off the diagonal and fr[i] the row's regularisation term.
-// Mode 1: dG (direct part, times cf) and dK of row i, and rows[i] = sum_j dG_ij G_ij.
+// Mode 1: dG (direct part, times cf) and dK of row i, and rows[i] = sum_j dG_ij G_ij. The per-thread work is
+// kdops/fkd_math.h's row_share, emulated on the host by csrc/cpu/fkd_emulate.cpp.
 template <typename T, int Mode>
 __global__ void __launch_bounds__(kThreads)
     fkd_rows_kernel(const T* __restrict__ g, const T* __restrict__ k, int64_t b, bool cosine, int power, T cf,
@@ -37,26 +33,11 @@ __global__ void __launch_bounds__(kThreads)
   using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   const int64_t i = blockIdx.x;
-  const T ci = scale_at(g, b, i, cosine);
-  T acc = 0;
-  for (int64_t j = threadIdx.x; j < b; j += kThreads) {
-    const T cj = scale_at(g, b, j, cosine);
-    const T d = fkd::kernel_diff(g[i * b + j], k[i * b + j], ci, cj, j == i);
-    if (Mode == 0) {
-      acc += d * d;
-    } else {
-      const T dd = T(2) * cf * d;
-      if (want_s) {
-        dg[i * b + j] = dd * ci * cj;
-        acc += dd * ci * cj * g[i * b + j];
-      }
-      if (want_t) dk[i * b + j] = -dd;
-    }
-  }
+  T acc = fkd::row_share<Mode>(g, k, b, cosine, cf, want_s, want_t, i, threadIdx.x, kThreads, dg, dk);
   acc = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) {
     rows[i] = acc;
-    if (Mode == 0) fr[i] = fkd::fr_term(sqrt_pos_(g[i * b + i]), g[i * b + i], power);
+    if (Mode == 0) fr[i] = fkd::row_fr(g, b, power, i);
   }
 }
 
@@ -66,10 +47,7 @@ __global__ void __launch_bounds__(kThreads) fkd_diag_kernel(const T* __restrict_
                                                             T* __restrict__ dg) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= b) return;
-  const T n = sqrt_pos_(g[i * b + i]);
-  T extra = fr_w * fkd::fr_grad(n, power);
-  if (cosine) extra += fkd::norm_grad(rho[i], g[i * b + i]);
-  dg[i * b + i] += extra;
+  fkd::diag_entry(g, b, cosine, power, fr_w, rho, dg, i);
 }
 
 struct CudaDev {

@@ -21,11 +21,7 @@ namespace kdops {
 namespace cuda {
 namespace {
 
-// G_rr of global row r (batch r / n, row r % n)
-template <typename T>
-__device__ T diag_of(const T* g, int64_t n, int64_t r) {
-  return g[r * n + r % n];
-}
+using gram_ops::diag_of;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gram_forward_kernel(const T* __restrict__ g, int64_t n, int64_t total,
@@ -44,17 +40,8 @@ __global__ void __launch_bounds__(kThreads)
                               int64_t n, int kind, T* __restrict__ dg, T* __restrict__ rho) {
   using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const int64_t r = blockIdx.x, b0 = (r / n) * n, i = r % n;
-  const T gii = diag_of(g, n, r), ci = gram_ops::cosine_scale(gii);
-  T acc = 0;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    const int64_t e = r * n + j;
-    const T gjj = diag_of(g, n, b0 + j);
-    T contrib;
-    dg[e] = gram_ops::direct_grad(kind, dout[e], out[e], g[e], gii, gjj, ci, gram_ops::cosine_scale(gjj), j == i,
-                                  contrib);
-    acc += contrib;
-  }
+  const int64_t r = blockIdx.x;
+  T acc = gram_ops::backward_row_share(dout, out, g, n, kind, r, threadIdx.x, kThreads, dg);
   acc = Reduce(tmp).Sum(acc);
   if (threadIdx.x == 0) rho[r] = acc;
 }
@@ -66,18 +53,7 @@ __global__ void __launch_bounds__(kThreads)
                               int64_t n, int64_t rows, int kind, const T* __restrict__ rho, T* __restrict__ dg) {
   const int64_t r = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= rows) return;
-  const int64_t b0 = (r / n) * n, j = r % n;
-  const T gjj = diag_of(g, n, r), cj = gram_ops::cosine_scale(gjj);
-  T kappa = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = (b0 + i) * n + j;
-    const T gii = diag_of(g, n, b0 + i);
-    T contrib;
-    (void)gram_ops::direct_grad(kind, dout[e], out[e], g[e], gii, gjj, gram_ops::cosine_scale(gii), cj, i == j,
-                                contrib);
-    kappa += contrib;
-  }
-  dg[r * n + j] += gram_ops::diag_factor(kind, gjj) * (rho[r] + kappa);
+  gram_ops::backward_diag(dout, out, g, n, kind, r, rho, dg);
 }
 
 at::Tensor gram_transform_cuda(const at::Tensor& gram_in, int64_t kind) {
@@ -101,6 +77,9 @@ at::Tensor gram_transform_backward_cuda(const at::Tensor& grad_in, const at::Ten
   gram::check_gram_transform("kdops.gram_transform_backward", gram_in, kind);
   TORCH_CHECK(grad_in.sizes() == gram_in.sizes() && out_in.sizes() == gram_in.sizes(),
               "kdops.gram_transform_backward: grad and out must match gram's shape ", gram_in.sizes());
+  TORCH_CHECK(grad_in.device() == gram_in.device() && out_in.device() == gram_in.device(),
+              "kdops.gram_transform_backward: grad and out must be on ", gram_in.device(), ", got ", grad_in.device(),
+              " and ", out_in.device());
   const at::Tensor g = gram_in.contiguous(), out = out_in.contiguous();
   const at::Tensor dout = grad_in.to(g.scalar_type()).contiguous();
   at::Tensor dg = at::empty(g.sizes(), g.options());

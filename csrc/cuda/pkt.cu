@@ -23,23 +23,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct Pair {
-  T a, b;
-};
+using pkt::Pair;
 
 template <typename T>
 struct PairSum {
-  __device__ Pair<T> operator()(const Pair<T>& x, const Pair<T>& y) const { return {x.a + y.a, x.b + y.b}; }
+  __device__ Pair<T> operator()(const Pair<T>& x, const Pair<T>& y) const { return pkt::pair_sum(x, y); }
 };
 
-template <typename T>
-__device__ T scale_of(const T* g, int64_t b, int64_t j, T eps) {
-  return T(1) / (sqrt_pos_(g[j * b + j]) + eps);
-}
-
 // Mode 0: rows[i] = the row's loss terms. Mode 1: the direct part of dL/dG (times cf) for the wanted sides
-// and the row sums rho of dG o G.
+// and the row sums rho of dG o G. The per-thread passes are kdops/pkt_math.h's *_share, emulated on the host
+// by csrc/cpu/pkt_emulate.cpp.
 template <typename T, int Mode>
 __global__ void __launch_bounds__(kThreads)
     pkt_rows_kernel(const T* __restrict__ gs, const T* __restrict__ gt, int64_t b, T eps, T cf, bool want_s,
@@ -49,28 +42,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ Pair<T> shared;
   const int64_t i = blockIdx.x;
-  const T *s = gs + i * b, *t = gt + i * b;
-  const T cis = scale_of(gs, b, i, eps), cit = scale_of(gt, b, i, eps);
-  Pair<T> r{0, 0};
-  for (int64_t j = threadIdx.x; j < b; j += kThreads) {
-    r = {r.a + pkt::affinity(s[j], cis, scale_of(gs, b, j, eps)),
-         r.b + pkt::affinity(t[j], cit, scale_of(gt, b, j, eps))};
-  }
+  Pair<T> r = pkt::affinity_share(gs, gt, b, eps, i, threadIdx.x, kThreads);
   r = Reduce(tmp).Reduce(r, PairSum<T>());
   if (threadIdx.x == 0) shared = r;
   __syncthreads();
   const T irs = T(1) / shared.a, irt = T(1) / shared.b;
   __syncthreads();
-  Pair<T> acc{0, 0};
-  for (int64_t j = threadIdx.x; j < b; j += kThreads) {
-    const T ps = pkt::affinity(s[j], cis, scale_of(gs, b, j, eps)) * irs;
-    const T pt = pkt::affinity(t[j], cit, scale_of(gt, b, j, eps)) * irt;
-    if (Mode == 0) {
-      acc.a += pkt::kl_term(pt, ps, eps);
-    } else {
-      acc = {acc.a + pkt::kl_grad_s(pt, ps, eps) * ps, acc.b + pkt::kl_grad_t(pt, ps, eps) * pt};
-    }
-  }
+  Pair<T> acc = pkt::term_share<Mode>(gs, gt, b, eps, i, irs, irt, threadIdx.x, kThreads);
   acc = Reduce(tmp).Reduce(acc, PairSum<T>());
   if (threadIdx.x == 0) shared = acc;
   __syncthreads();
@@ -80,21 +58,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T ws = shared.a, wt = shared.b;
   __syncthreads();
-  Pair<T> rho{0, 0};
-  for (int64_t j = threadIdx.x; j < b; j += kThreads) {
-    const T cjs = scale_of(gs, b, j, eps), cjt = scale_of(gt, b, j, eps);
-    const T ps = pkt::affinity(s[j], cis, cjs) * irs, pt = pkt::affinity(t[j], cit, cjt) * irt;
-    if (want_s) {
-      const T d = cf * pkt::gram_grad(pkt::kl_grad_s(pt, ps, eps), ws, irs, cis, cjs);
-      dgs[i * b + j] = d;
-      rho.a += d * s[j];
-    }
-    if (want_t) {
-      const T d = cf * pkt::gram_grad(pkt::kl_grad_t(pt, ps, eps), wt, irt, cit, cjt);
-      dgt[i * b + j] = d;
-      rho.b += d * t[j];
-    }
-  }
+  Pair<T> rho = pkt::grad_share(gs, gt, b, eps, cf, want_s, want_t, i, irs, irt, ws, wt, threadIdx.x, kThreads,
+                                dgs, dgt);
   rho = Reduce(tmp).Reduce(rho, PairSum<T>());
   if (threadIdx.x == 0) {
     rho_s[i] = rho.a;
@@ -108,10 +73,7 @@ __global__ void __launch_bounds__(kThreads) pkt_diag_kernel(const T* __restrict_
                                                             const T* __restrict__ rho, T* __restrict__ dg) {
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= b) return;
-  T kappa = 0;
-  for (int64_t i = 0; i < b; ++i) kappa += dg[i * b + j] * g[i * b + j];
-  const T n = sqrt_pos_(g[j * b + j]);
-  dg[j * b + j] += pkt::diag_grad(rho[j] + kappa, T(1) / (n + eps), n);
+  pkt::diag_column(g, b, eps, rho, dg, j);
 }
 
 struct CudaDev {

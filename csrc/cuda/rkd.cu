@@ -11,6 +11,8 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "kdops/rkd_host.h"
@@ -22,7 +24,13 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// Mode 0: out[a*b + j] = sum_k huber. Mode 1: the four row sums (see rkd_host.h) into out0..out3.
+unsigned pair_blocks(int64_t b) {
+  return static_cast<unsigned>(std::min<int64_t>(b * b, std::numeric_limits<int32_t>::max()));
+}
+
+// Mode 0: out[a*b + j] = sum_k huber. Mode 1: the four row sums (see rkd_host.h) into out0..out3. The
+// per-thread work is kdops/rkd_math.h's pair_share / cols_entry, emulated on the host by
+// csrc/cpu/rkd_emulate.cpp.
 template <typename T, int Mode>
 __global__ void __launch_bounds__(kThreads)
     rows_kernel(const T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ us,
@@ -30,37 +38,23 @@ __global__ void __launch_bounds__(kThreads)
                 T* __restrict__ out2, T* __restrict__ out3) {
   using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const int64_t a = blockIdx.x / b, j = blockIdx.x % b;
-  const T *gsj = gs + j * b, *gtj = gt + j * b, *gsa = gs + a * b, *gta = gt + a * b;
-  const T *usa = us + a * b, *uta = ut + a * b;
-  const T gs_aj = gsa[j], gs_aa = gsa[a], us_aj = usa[j], gt_aj = gta[j], gt_aa = gta[a], ut_aj = uta[j];
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  for (int64_t k = threadIdx.x; k < b; k += kThreads) {
-    const T ps = rkd::psi(gsj[k], gs_aj, gsa[k], gs_aa, us_aj, usa[k]);
-    const T pt = rkd::psi(gtj[k], gt_aj, gta[k], gt_aa, ut_aj, uta[k]);
-    if (Mode == 0) {
-      s0 += rkd::huber(ps - pt);
-    } else {
-      const T r = c * rkd::huber_grad(ps - pt);
-      s0 += r * usa[k];
-      s1 += r * ps;
-      s2 -= r * uta[k];
-      s3 -= r * pt;
+  T* outs[4] = {out0, out1, out2, out3};
+  constexpr int kSums = Mode == 0 ? 1 : 4;
+  // One (a, j) pair per block, grid-stride over the b^2 pairs (b^2 passes the grid's 2^31 - 1 blocks at b =
+  // 46341). The loop bound is the same for every thread of a block, so each barrier is reached by all.
+  for (int64_t pair = blockIdx.x; pair < b * b; pair += gridDim.x) {
+    const int64_t a = pair / b, j = pair % b;
+    T sums[4];
+    rkd::pair_share<Mode>(gs, gt, us, ut, b, c, a, j, threadIdx.x, kThreads, sums);
+    for (int q = 0; q < kSums; ++q) {
+      sums[q] = Reduce(tmp).Sum(sums[q]);
+      __syncthreads();  // tmp is reused by the next reduction
+    }
+    if (threadIdx.x == 0) {
+      rkd::pair_outputs<Mode>(us, ut, b, a, j, sums);
+      for (int q = 0; q < kSums; ++q) outs[q][pair] = sums[q];
     }
   }
-  const int64_t o = a * b + j;
-  s0 = Reduce(tmp).Sum(s0);
-  if (threadIdx.x == 0) out0[o] = Mode == 0 ? s0 : s0 * us_aj;
-  if (Mode == 0) return;
-  __syncthreads();
-  s1 = Reduce(tmp).Sum(s1);
-  if (threadIdx.x == 0) out1[o] = s1;
-  __syncthreads();
-  s2 = Reduce(tmp).Sum(s2);
-  if (threadIdx.x == 0) out2[o] = s2 * ut_aj;
-  __syncthreads();
-  s3 = Reduce(tmp).Sum(s3);
-  if (threadIdx.x == 0) out3[o] = s3;
 }
 
 template <typename T>
@@ -68,20 +62,7 @@ __global__ void __launch_bounds__(kThreads)
     cols_kernel(const T* __restrict__ gs, const T* __restrict__ gt, const T* __restrict__ us,
                 const T* __restrict__ ut, int64_t b, T c, T* __restrict__ dgs, T* __restrict__ dgt) {
   const int64_t j = blockIdx.x;
-  const T *gsj = gs + j * b, *gtj = gt + j * b;
-  for (int64_t k = threadIdx.x; k < b; k += kThreads) {
-    T acc_s = 0, acc_t = 0;
-    for (int64_t a = 0; a < b; ++a) {
-      const T *gsa = gs + a * b, *gta = gt + a * b, *usa = us + a * b, *uta = ut + a * b;
-      const T ps = rkd::psi(gsj[k], gsa[j], gsa[k], gsa[a], usa[j], usa[k]);
-      const T pt = rkd::psi(gtj[k], gta[j], gta[k], gta[a], uta[j], uta[k]);
-      const T r = c * rkd::huber_grad(ps - pt);
-      acc_s += r * usa[j] * usa[k];
-      acc_t -= r * uta[j] * uta[k];
-    }
-    dgs[j * b + k] = acc_s;
-    dgt[j * b + k] = acc_t;
-  }
+  for (int64_t k = threadIdx.x; k < b; k += kThreads) rkd::cols_entry(gs, gt, us, ut, b, c, j, k, dgs, dgt);
 }
 
 struct CudaDev {
@@ -89,7 +70,7 @@ struct CudaDev {
     const int64_t b = gs.size(0);
     at::Tensor partial = at::empty({b * b}, gs.options());
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_angle_cuda", [&] {
-      rows_kernel<scalar_t, 0><<<b * b, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      rows_kernel<scalar_t, 0><<<pair_blocks(b), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), us.const_data_ptr<scalar_t>(),
           ut.const_data_ptr<scalar_t>(), b, scalar_t(0), partial.mutable_data_ptr<scalar_t>(), nullptr, nullptr,
           nullptr);
@@ -102,7 +83,7 @@ struct CudaDev {
                    at::Tensor& rws, at::Tensor& rqs, at::Tensor& rwt, at::Tensor& rqt) {
     const int64_t b = gs.size(0);
     AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_angle_rows_cuda", [&] {
-      rows_kernel<scalar_t, 1><<<b * b, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      rows_kernel<scalar_t, 1><<<pair_blocks(b), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gs.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(), us.const_data_ptr<scalar_t>(),
           ut.const_data_ptr<scalar_t>(), b, scalar_t(c), rws.mutable_data_ptr<scalar_t>(),
           rqs.mutable_data_ptr<scalar_t>(), rwt.mutable_data_ptr<scalar_t>(), rqt.mutable_data_ptr<scalar_t>());

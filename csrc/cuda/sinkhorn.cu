@@ -1,5 +1,6 @@
 // CUDA kernel of the Sinkhorn solver: the log-domain potential update over one Gram block, one block per row,
-// a CUB max then a CUB sum of exponentials over the columns (the cost is recomputed from the Gram entry).
+// a CUB max then a CUB sum of exponentials over the columns (the cost is recomputed from the Gram entry); the
+// per-thread passes are kdops/ot_math.h's lse_thread_*, emulated on the host by csrc/cpu/sinkhorn_emulate.cpp.
 // The iteration loop itself is the host code of kdops/ot_host.h, which syncs only at convergence checks.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -10,6 +11,8 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -32,32 +35,28 @@ struct MaxOp {
 template <int PK, typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_rows_kernel(const T* __restrict__ d, const T* __restrict__ xh, const T* __restrict__ yh,
-                    const T* __restrict__ h, int64_t k, T inv_eps, T eps, T p, T* __restrict__ out) {
+                    const T* __restrict__ h, int64_t r, int64_t k, T inv_eps, T eps, T p, T* __restrict__ out) {
   using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   __shared__ T row_max;
-  const int64_t i = blockIdx.x;
-  const T* row = d + i * k;
-  const T xi = xh[i];
-  T mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    const T v = ot::lse_arg(h[j], ot::cost<PK>(row[j], xi, yh[j], p), inv_eps);
-    mx = v > mx ? v : mx;
+  // one row per block, grid-stride over the rows; the loop bound is the block's, so every barrier is reached
+  // by all of its threads
+  for (int64_t i = blockIdx.x; i < r; i += gridDim.x) {
+    const T* row = d + i * k;
+    const T xi = xh[i];
+    T mx = ot::lse_thread_max<PK>(row, xi, yh, h, k, inv_eps, p, threadIdx.x, kThreads);
+    mx = Reduce(tmp).Reduce(mx, MaxOp());
+    if (threadIdx.x == 0) row_max = mx;
+    __syncthreads();
+    mx = row_max;
+    T sum = 0;
+    if (ot::lse_needs_sum(mx)) {  // the same for every thread of the block
+      sum = ot::lse_thread_sum<PK>(row, xi, yh, h, k, inv_eps, p, mx, threadIdx.x, kThreads);
+      sum = Reduce(tmp).Sum(sum);
+    }
+    if (threadIdx.x == 0) out[i] = ot::lse_block_finish(mx, sum, eps);
+    __syncthreads();  // row_max and tmp are reused by the next row
   }
-  mx = Reduce(tmp).Reduce(mx, MaxOp());
-  if (threadIdx.x == 0) row_max = mx;
-  __syncthreads();
-  mx = row_max;
-  if (!(mx > -INFINITY)) {
-    if (threadIdx.x == 0) out[i] = -eps * mx;
-    return;
-  }
-  T sum = 0;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    sum += exp(ot::lse_arg(h[j], ot::cost<PK>(row[j], xi, yh[j], p), inv_eps) - mx);
-  }
-  sum = Reduce(tmp).Sum(sum);
-  if (threadIdx.x == 0) out[i] = -eps * (mx + log(sum));
 }
 
 struct CudaDev {
@@ -65,12 +64,13 @@ struct CudaDev {
                   double p, bool given, at::Tensor& out) {
     const int64_t r = d.size(0), k = d.size(1);
     if (r == 0) return;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(r, std::numeric_limits<int32_t>::max()));
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "sinkhorn_lse_cuda", [&] {
       auto launch = [&](auto pk) {
-        lse_rows_kernel<decltype(pk)::value, scalar_t><<<r, kThreads, 0, stream>>>(
+        lse_rows_kernel<decltype(pk)::value, scalar_t><<<blocks, kThreads, 0, stream>>>(
             d.const_data_ptr<scalar_t>(), xh.const_data_ptr<scalar_t>(), yh.const_data_ptr<scalar_t>(),
-            h.const_data_ptr<scalar_t>(), k, scalar_t(1.0 / eps), scalar_t(eps), scalar_t(p),
+            h.const_data_ptr<scalar_t>(), r, k, scalar_t(1.0 / eps), scalar_t(eps), scalar_t(p),
             out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };

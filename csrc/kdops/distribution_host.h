@@ -165,6 +165,9 @@ std::tuple<at::Tensor, at::Tensor> mmd_backward(const at::Tensor& grad, const at
   const MmdCall c = prepare_mmd(x_in, y_in, kernel, gamma, coef0, degree);
   const at::Tensor &x = c.x, &y = c.y;
   TORCH_CHECK(grad.numel() == 1 && sigma_in.numel() == 1, "kdops.mmd_backward: grad and sigma must be scalars");
+  TORCH_CHECK(grad.device() == x.device() && sigma_in.device() == x.device(),
+              "kdops.mmd_backward: grad and sigma must be on x's device ", x.device(), ", got ", grad.device(),
+              " and ", sigma_in.device());
   const int64_t save = c.params.kind == kLinear ? kSaveNone : saved_weights;
   TORCH_CHECK(save >= kSaveNone && save <= (kSaveForX | kSaveForY),
               "kdops.mmd_backward: saved_weights must be 0, 1, 2 or 3 (the forward's save_weights), got ", save);

@@ -90,6 +90,8 @@ inline MapGradCall prepare_maps_backward(const at::Tensor& grad, const at::Tenso
   static_cast<MapCall&>(c) = prepare_maps("kdops.partial_l2_backward", student, teacher, margin);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == student.size(0), "kdops.partial_l2_backward: grad must have shape (",
               student.size(0), ",), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == student.device(), "kdops.partial_l2_backward: grad must be on ", student.device(),
+              ", got ", grad.device());
   c.g = grad.to(c.m.scalar_type()).contiguous();
   allocate_map_grads(c, student_grad, teacher_grad);
   return c;
@@ -109,6 +111,8 @@ inline MarginReluCall prepare_margin_relu(const at::Tensor* grad, const at::Tens
   if (grad != nullptr) {
     TORCH_CHECK(grad->sizes() == x.sizes() && grad->scalar_type() == x.scalar_type(),
                 "kdops.margin_relu_backward: grad must match x in shape and dtype");
+    TORCH_CHECK(grad->device() == x.device(), "kdops.margin_relu_backward: grad must be on ", x.device(), ", got ",
+                grad->device());
     c.g = grad->contiguous();
   }
   c.out = at::empty(c.x.sizes(), c.x.options());
@@ -137,6 +141,9 @@ inline LogsumCall prepare_logsum_backward(const at::Tensor& grad, const at::Tens
                                           double eps, bool a_grad, bool b_grad) {
   LogsumCall c = prepare_logsum(a, b, alpha, eps);
   TORCH_CHECK(grad.numel() == 1 && total.numel() == 1, "kdops.logsum_backward: grad and total must be scalars");
+  TORCH_CHECK(grad.device() == a.device() && total.device() == a.device(),
+              "kdops.logsum_backward: grad and total must be on ", a.device(), ", got ", grad.device(), " and ",
+              total.device());
   TORCH_CHECK(!b_grad || b.has_value(), "kdops.logsum_backward: b_grad needs b");
   c.ga = a_grad ? at::empty(c.a.sizes(), c.a.options()) : at::empty({0}, c.a.options());
   c.gb = b_grad ? at::empty(c.a.sizes(), c.a.options()) : at::empty({0}, c.a.options());

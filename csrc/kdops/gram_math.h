@@ -5,6 +5,8 @@
 // |x_i|^2 in the distances). Shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <cstdint>
+
 #include "kdops/common.h"
 
 namespace kdops {
@@ -55,6 +57,51 @@ KDOPS_HOST_DEVICE T diag_factor(int kind, T g_ii) {
   if (kind != kCosine) return T(1);
   const T n = sqrt_pos_(g_ii);
   return n > T(kTiny) ? T(-1) / (T(2) * n * n) : T(0);
+}
+
+// ---- The CUDA backward's decomposition (csrc/cuda/gram.cu), written once for its two kernels and for their
+// host emulation (csrc/cpu/gram_emulate.cpp). The CPU kernel instead gathers each row's and column's sums in
+// one pass over the matrix. Here, first one block per global row r (batch r / n, row i = r % n): thread `tid`
+// of `threads` writes the direct gradients of its strided share of the row and returns its part of the row
+// sum rho_r, which the block reduces; then one thread per global row r, as column j = r % n of its batch, sums
+// the column (kappa) and adds the diagonal term diag_factor * (rho_r + kappa) to dG_jj.
+
+// G_rr of global row r
+template <typename T>
+KDOPS_HOST_DEVICE T diag_of(const T* g, int64_t n, int64_t r) {
+  return g[r * n + r % n];
+}
+
+template <typename T>
+KDOPS_HOST_DEVICE T backward_row_share(const T* dout, const T* out, const T* g, int64_t n, int kind, int64_t r,
+                                       int64_t tid, int64_t threads, T* dg) {
+  const int64_t b0 = (r / n) * n, i = r % n;
+  const T gii = diag_of(g, n, r), ci = cosine_scale(gii);
+  T acc = 0;
+  for (int64_t j = tid; j < n; j += threads) {
+    const int64_t e = r * n + j;
+    const T gjj = diag_of(g, n, b0 + j);
+    T contrib;
+    dg[e] = direct_grad(kind, dout[e], out[e], g[e], gii, gjj, ci, cosine_scale(gjj), j == i, contrib);
+    acc += contrib;
+  }
+  return acc;
+}
+
+template <typename T>
+KDOPS_HOST_DEVICE void backward_diag(const T* dout, const T* out, const T* g, int64_t n, int kind, int64_t r,
+                                     const T* rho, T* dg) {
+  const int64_t b0 = (r / n) * n, j = r % n;
+  const T gjj = diag_of(g, n, r), cj = cosine_scale(gjj);
+  T kappa = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = (b0 + i) * n + j;
+    const T gii = diag_of(g, n, b0 + i);
+    T contrib;
+    (void)direct_grad(kind, dout[e], out[e], g[e], gii, gjj, cosine_scale(gii), cj, i == j, contrib);
+    kappa += contrib;
+  }
+  dg[r * n + j] += diag_factor(kind, gjj) * (rho[r] + kappa);
 }
 
 }  // namespace gram_ops

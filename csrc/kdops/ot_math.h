@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "kdops/common.h"
 
@@ -38,6 +39,42 @@ KDOPS_HOST_DEVICE T cost(T dot, T xh, T yh, T p) {
 template <typename T>
 KDOPS_HOST_DEVICE T lse_arg(T h, T c, T inv_eps) {
   return h - c * inv_eps;
+}
+
+// ---- The CUDA row kernel's block algorithm, written once for the kernel (csrc/cuda/sinkhorn.cu) and for its
+// host emulation (csrc/cpu/sinkhorn_emulate.cpp). Thread `tid` of `threads` folds its strided share of row i:
+// first the maximum of the LSE arguments; the block reduces those maxima and shares the result; then the sum
+// of the arguments' exponentials shifted by it; the block sums those, and lse_block_finish gives the potential.
+// (The CPU kernel instead shifts by the row's previous potential in a single pass; see csrc/cpu/sinkhorn.cpp.)
+template <int PK, typename T>
+KDOPS_HOST_DEVICE T lse_thread_max(const T* row, T xi, const T* yh, const T* h, int64_t k, T inv_eps, T p,
+                                   int64_t tid, int64_t threads) {
+  T mx = neg_inf<T>();
+  for (int64_t j = tid; j < k; j += threads) {
+    const T v = lse_arg(h[j], cost<PK>(row[j], xi, yh[j], p), inv_eps);
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+template <int PK, typename T>
+KDOPS_HOST_DEVICE T lse_thread_sum(const T* row, T xi, const T* yh, const T* h, int64_t k, T inv_eps, T p, T mx,
+                                   int64_t tid, int64_t threads) {
+  T sum = 0;
+  for (int64_t j = tid; j < k; j += threads) sum += exp_(lse_arg(h[j], cost<PK>(row[j], xi, yh[j], p), inv_eps) - mx);
+  return sum;
+}
+
+// Whether the sum pass is needed: a row whose maximum is -inf (every weight 0) or NaN passes it on.
+template <typename T>
+KDOPS_HOST_DEVICE bool lse_needs_sum(T mx) {
+  return mx > neg_inf<T>();
+}
+
+// The new potential -eps * LSE from the block-wide maximum and sum (sum unused where lse_needs_sum is false).
+template <typename T>
+KDOPS_HOST_DEVICE T lse_block_finish(T mx, T sum, T eps) {
+  return lse_needs_sum(mx) ? -eps * (mx + log_(sum)) : -eps * mx;
 }
 
 }  // namespace ot

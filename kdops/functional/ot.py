@@ -75,7 +75,9 @@ def sinkhorn(x, y, a=None, b=None, eps=0.05, p=2, max_iter=100, tol=1e-6, scalin
     Iterations: log-domain alternating updates f <- -eps LSE_j(log b_j + (g_j - c_ij)/eps), then g likewise,
     all in one op call. ``scaling`` in (0, 1) anneals eps geometrically from the cost's upper bound
     (max|x| + max|y|)^p / p down to ``eps``; those iterations count towards ``max_iter``. ``tol`` stops when f
-    changes by less than tol over one iteration, checked every 10 iterations (one host sync per check).
+    changes by less than tol over one iteration, checked every 10 iterations (one host sync per check); the
+    eps-scaling bound is read on the host too (two syncs per problem). With ``tol=0`` and no ``scaling`` the op
+    never syncs (it runs ``max_iter`` iterations), which CUDA graph capture needs.
 
     backend: "tensorized" forms the Gram matrix x y^T (and its transpose) once; "online" recomputes it in
     tiles of 256 rows each iteration and never stores an n x m matrix (memory O(256 (n + m) + (n + m) d));
