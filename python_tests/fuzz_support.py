@@ -7,10 +7,11 @@ be non-contiguous views (a transpose, every other element of a longer buffer) or
 reference runs in float64 on the exact values of the arguments, and once more in the dtype the call computes
 in (the promoted dtype of its inputs): the difference between those two is PyTorch's own error on this input.
 Where the loss is ill-conditioned at the input (cosines of exactly opposite points, probabilities of the size of
-eps), one such sample of PyTorch's error can be luckily small, so the float64 reference is also evaluated at
-inputs perturbed by one rounding of that dtype (relative eps, two random draws): the change is the error that
-rounding the inputs alone causes, which no implementation in that dtype can avoid. kdops must stay within twice
-the larger of the two, plus a floor of a few ulps of that dtype times the result's scale.
+eps), one such sample of PyTorch's error can be luckily small, so it is also sampled at two inputs perturbed by
+one rounding of that dtype (relative eps): the float64 reference's change there is the error that rounding the
+inputs alone causes, and the reference in that dtype against float64 there is PyTorch's own error at a
+neighbouring input. kdops must stay within twice the largest of these, plus a floor of a few ulps of that dtype
+times the result's scale.
 
 Examples: derandomized (the same examples on every run), KDOPS_FUZZ_EXAMPLES per test (default 15, raise it
 for long local runs: KDOPS_FUZZ_EXAMPLES=2000 pytest python_tests/test_fuzz_kd.py).
@@ -109,12 +110,21 @@ def reference_grads(ref, call, dtype):
     return value_and_grads(ref, call.make(leaves), call.kwargs, leaves, call.grad_scale)
 
 
-def perturbed_grads(ref, call, eps, seed):
-    """The float64 reference at the call's values times (1 + eps * u), u uniform in [-1, 1]."""
+def perturbed_grads(ref, call, eps, seed, dtype):
+    """The reference at the call's values times (1 + eps * u), u uniform in [-1, 1]: in float64, and in `dtype`
+    on the same perturbed values; returns ((value, grads) in float64, (value, grads) in dtype), or None for the
+    second where the reference cannot run in that dtype."""
     g = torch.Generator().manual_seed(seed)
-    leaves = [(leaf.detach().to(F64) * (1 + eps * (2 * torch.rand(leaf.shape, generator=g, dtype=F64) - 1)))
-              .requires_grad_() for leaf in call.leaves]
-    return value_and_grads(ref, call.make(leaves), call.kwargs, leaves, call.grad_scale)
+    base = [leaf.detach().to(F64) * (1 + eps * (2 * torch.rand(leaf.shape, generator=g, dtype=F64) - 1))
+            for leaf in call.leaves]
+    leaves = [b.clone().requires_grad_() for b in base]
+    exact = value_and_grads(ref, call.make(leaves), call.kwargs, leaves, call.grad_scale)
+    try:
+        low = [b.to(dtype).requires_grad_() for b in base]
+        rounded = value_and_grads(ref, call.make(low), call.kwargs, low, call.grad_scale)
+    except RuntimeError:
+        rounded = None
+    return exact, rounded
 
 
 def check(name, ours_fn, ref_fn, call, floor_eps=None, compare_grads=True):
@@ -132,19 +142,30 @@ def check(name, ours_fn, ref_fn, call, floor_eps=None, compare_grads=True):
         yard_dtype = F32
         ref_c, ref_c_grads = reference_grads(ref_fn, call, F32)
     eps = max(torch.finfo(c).eps, floor_eps or 0.0)
-    perturbed = [perturbed_grads(ref_fn, call, torch.finfo(c).eps, seed) for seed in (1, 2)]
-    _close(name, "value", ours, ref64, [ref_c] + [p[0] for p in perturbed], eps, call.value_floor)
-    for i, (g, r64, rc, leaf) in enumerate(zip(ours_grads, ref64_grads, ref_c_grads, call.leaves)):
+    perturbed = [perturbed_grads(ref_fn, call, torch.finfo(c).eps, seed, yard_dtype) for seed in (1, 2)]
+
+    def errors(pick):
+        """|x - ref64| for each of PyTorch's own estimates of x: in the compute dtype at the input, in float64
+        at the perturbed inputs, and in the compute dtype at the perturbed inputs against float64 there."""
+        out = [(pick(ref_c, ref_c_grads), pick(ref64, ref64_grads))]
+        for exact, rounded in perturbed:
+            out.append((pick(*exact), pick(ref64, ref64_grads)))
+            if rounded is not None:
+                out.append((pick(*rounded), pick(*exact)))
+        return out
+
+    _close(name, "value", ours, ref64, errors(lambda v, gs: v), eps, call.value_floor)
+    for i, (g, r64, leaf) in enumerate(zip(ours_grads, ref64_grads, call.leaves)):
         assert g.dtype == leaf.dtype, "%s: gradient %d is %s, its input %s" % (name, i, g.dtype, leaf.dtype)
         if compare_grads:
-            _close(name, "gradient %d (%s)" % (i, tuple(leaf.shape)), g, r64, [rc] + [p[1][i] for p in perturbed],
+            _close(name, "gradient %d (%s)" % (i, tuple(leaf.shape)), g, r64, errors(lambda v, gs, i=i: gs[i]),
                    max(eps, torch.finfo(leaf.dtype).eps), call.grad_floor)
     return ours, ref64, yard_dtype
 
 
 def _close(name, what, ours, ref64, others, eps, floor=0.0):
-    """ours against ref64; `others` are the reference's own results (in the compute dtype, at perturbed inputs)
-    whose distance from ref64 measures the error the dtype itself allows."""
+    """ours against ref64; `others` are pairs (estimate, exact) of the reference's own results whose distance
+    measures the error the dtype itself allows (see errors() in check)."""
     # a reference value beyond the range of ours' dtype rounds to +-inf there: that is the correct result
     finite = torch.isfinite(ref64.to(ours.dtype).to(F64)) if ours.is_floating_point() else torch.isfinite(ref64)
     ours, ref64 = ours.to(F64), ref64.to(F64)
@@ -153,7 +174,7 @@ def _close(name, what, ours, ref64, others, eps, floor=0.0):
         "%s %s: non-finite where the reference is finite:\n%s\n%s" % (name, what, ours, ref64)
     if not finite.any():
         return
-    yard = torch.stack([(o.to(F64) - ref64).abs().nan_to_num(nan=0.0, posinf=0.0) for o in others]).amax(0)
+    yard = torch.stack([(a.to(F64) - b.to(F64)).abs().nan_to_num(nan=0.0, posinf=0.0) for a, b in others]).amax(0)
     scale = max(ref64[finite].abs().max().item(), floor)
     budget = 2 * yard + 16 * eps * (ref64.abs() + scale) + 1e-12
     err = (ours - ref64).abs()

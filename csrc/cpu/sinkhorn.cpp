@@ -68,12 +68,7 @@ struct CpuDev {
           }
         });
       };
-      switch (given ? int(ot::kCostGiven) : ot::power_kind(p)) {
-        case ot::kCostGiven: rows(std::integral_constant<int, ot::kCostGiven>()); break;
-        case ot::kPow2: rows(std::integral_constant<int, ot::kPow2>()); break;
-        case ot::kPow1: rows(std::integral_constant<int, ot::kPow1>()); break;
-        default: rows(std::integral_constant<int, ot::kPowGeneral>());
-      }
+      ot::dispatch_power_kind(given, p, rows);
     });
   }
 };

@@ -74,12 +74,7 @@ struct CudaDev {
             out.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      switch (given ? int(ot::kCostGiven) : ot::power_kind(p)) {
-        case ot::kCostGiven: launch(std::integral_constant<int, ot::kCostGiven>()); break;
-        case ot::kPow2: launch(std::integral_constant<int, ot::kPow2>()); break;
-        case ot::kPow1: launch(std::integral_constant<int, ot::kPow1>()); break;
-        default: launch(std::integral_constant<int, ot::kPowGeneral>());
-      }
+      ot::dispatch_power_kind(given, p, launch);
     });
   }
 };

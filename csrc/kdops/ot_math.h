@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kdops/common.h"
 
@@ -19,6 +20,18 @@ enum PowerKind : int { kPowGeneral = 0, kPow1 = 1, kPow2 = 2, kCostGiven = 3 };
 
 inline int power_kind(double p) {
   return p == 2.0 ? kPow2 : (p == 1.0 ? kPow1 : kPowGeneral);
+}
+
+// Calls f(std::integral_constant<int, PK>()) with the PowerKind of the call: kCostGiven for a block that holds
+// the cost, else the case of p. Host code: picks the kernel instantiation.
+template <class F>
+inline void dispatch_power_kind(bool given, double p, F&& f) {
+  switch (given ? int(kCostGiven) : power_kind(p)) {
+    case kCostGiven: f(std::integral_constant<int, kCostGiven>()); break;
+    case kPow2: f(std::integral_constant<int, kPow2>()); break;
+    case kPow1: f(std::integral_constant<int, kPow1>()); break;
+    default: f(std::integral_constant<int, kPowGeneral>());
+  }
 }
 
 template <int PK, typename T>

@@ -82,6 +82,19 @@ def wasserstein_exact(x, y):
 
 # ---- Gaussian: W2 (Bures) and KL ----
 
+def _eigh(a):
+    """torch.linalg.eigh, retried in float64 where LAPACK's float32 solver fails to converge (it does on the
+    rounding-noise covariance of repeated points, e.g. three equal points in 40 dimensions); the result is cast
+    back. Under torch.compile the plain call is traced."""
+    if torch.compiler.is_compiling() or a.dtype == torch.float64:
+        return torch.linalg.eigh(a)
+    try:
+        return torch.linalg.eigh(a)
+    except torch.linalg.LinAlgError:
+        lam, u = torch.linalg.eigh(a.double())
+        return lam.to(a.dtype), u.to(a.dtype)
+
+
 class _SymmetricFunction(torch.autograd.Function):
     """f(A) = U diag(f(lambda)) U^T for a symmetric A, f = sqrt or inverse of the eigenvalues clamped from below.
 
@@ -95,7 +108,7 @@ class _SymmetricFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(a, kind, floor):
-        lam, u = torch.linalg.eigh(a)
+        lam, u = _eigh(a)
         keep = lam > floor
         lam_c = torch.where(keep, lam, torch.zeros_like(lam) if kind == "sqrt" else floor.expand_as(lam))
         if kind == "sqrt":

@@ -84,16 +84,23 @@ def _gram_product(x):
     """x x^T. A large 2-D x (n >= 256 rows, n d >= 2^18) is done as three block products written in place, the
     symmetric half as BLAS's syrk does: 3/4 of the GEMM work (benchmarks/bench_relational.py: SP at 256 x 2048
     3.77 -> 3.33 ms; smaller products were slower in blocks, hence the bounds). Eager only: torch.compile gets
-    the plain GEMM."""
+    the plain GEMM.
+
+    The result is made exactly symmetric ((G + G^T) / 2): a GEMM rounds G_ij and G_ji in different blocks, and
+    for coincident rows that asymmetry decided the result (RKD's normalised distances of two equal rows came out
+    as 1e-6 one way and 1.6e-2 the other, a loss of 0.25 where the published code gives 0)."""
     n, d = x.shape[-2], x.shape[-1]
     if x.dim() != 2 or n < 256 or n * d < 2 ** 18 or torch.compiler.is_compiling():
-        return x @ x.transpose(-1, -2)
+        g = x @ x.transpose(-1, -2)
+        return (g + g.transpose(-1, -2)) * 0.5
     h = n // 2
     a, b = x[:h], x[h:]
     out = x.new_empty(n, n)
     torch.mm(a, a.T, out=out[:h, :h])
     torch.mm(a, b.T, out=out[:h, h:])
     torch.mm(b, b.T, out=out[h:, h:])
+    for blk in (out[:h, :h], out[h:, h:]):  # the diagonal blocks; the off-diagonal one is mirrored below
+        blk.copy_((blk + blk.T) * 0.5)
     out[h:, :h] = out[:h, h:].T
     return out
 
@@ -114,6 +121,14 @@ class _SymGram(torch.autograd.Function):
 
 def _self_gram(x):
     return _SymGram.apply(x) if x.requires_grad else _gram_product(x)
+
+
+def _gram_float64(x):
+    """The Gram matrix the angle ops read, in float64 whatever x's dtype. An angle's cosine comes from the
+    differences G_jj + G_aa - 2 G_aj, which cancel for close points: in fp32 the Gram identity resolves distances
+    only to ~1e-3 of the norms (cosines were off by 1e-3 for randn points 1e-2 apart), in float64 to ~1e-7. The
+    angle ops' b^3 work dwarfs the extra cost of the b x d x b product in float64."""
+    return _self_gram(x if x.dtype == torch.float64 else x.double())
 
 
 # ---- primitives ----
@@ -137,19 +152,29 @@ def gram(x, kernel="linear"):
 def pairwise_distance(x, squared=False):
     """Euclidean distances between the rows of x (n, d) -> (n, n) (batched (B, n, d) too), from the Gram matrix:
     sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)) with the diagonal exactly 0 (RKD's pdist); ``squared``
-    gives max(., 0) instead of the root. One fused op over x x^T, forward and backward."""
+    gives max(., 0) instead of the root. One fused op over x x^T, forward and backward. The Gram matrix is formed
+    in float64 (as for the angles, see _gram_float64: in fp32 the identity resolves distances only to ~1e-3 of the
+    norms); the result is fp32 (fp64 for fp64 x). RKD's distance loss keeps its published fp32 form."""
     _check_tensor("pairwise_distance", "x", x, (2, 3))
-    return torch.ops.kdops.gram_transform(gram(x), _SQUARED_DISTANCE if squared else _DISTANCE)
+    d = torch.ops.kdops.gram_transform(_gram_float64(x), _SQUARED_DISTANCE if squared else _DISTANCE)
+    return d if x.dtype == torch.float64 else d.float()
+
+
+def _gram_distances(x):
+    """RKD's pdist as published: from the Gram matrix in x's (accumulation) dtype."""
+    return torch.ops.kdops.gram_transform(_self_gram(x), _DISTANCE)
 
 
 @_dtypes.loss
 def angle_tensor(x):
     """psi[a, j, k] = <n_aj, n_ak>, n_aj = normalize(x_j - x_a) (0 for a zero vector), for x (n, d) -> (n, n, n)
     or batched (B, n, d) -> (B, n, n, n): one fused op over the Gram matrix (no (n, n, d) differences, the
-    output written once; the backward folds the b^3 incoming gradient back to dL/dG). Pairs closer than the
-    Gram identity can resolve (16 ulp of the squared norms) count as degenerate."""
+    output written once; the backward folds the b^3 incoming gradient back to dL/dG). The Gram matrix is
+    formed in float64 (see _gram_float64); pairs closer than it can resolve (16 ulp of the squared norms, ~1e-7 of
+    the norms) count as degenerate. The result is fp32 (fp64 for fp64 x)."""
     _check_tensor("angle_tensor", "x", x, (2, 3))
-    return torch.ops.kdops.angle_tensor_gram(gram(x))
+    psi = torch.ops.kdops.angle_tensor_gram(_gram_float64(x))
+    return psi if x.dtype == torch.float64 else psi.float()
 
 
 # ---- batch relations ----
@@ -223,7 +248,7 @@ def sp_loss(student, teacher, gather_distributed=False):
 
 
 def _normalized_distances(x):
-    d = pairwise_distance(x)
+    d = _gram_distances(x)
     mean = d.sum() / (d > 0).sum().clamp_min(1)
     return d / mean
 
@@ -241,10 +266,12 @@ def rkd_distance_loss(student, teacher, gather_distributed=False):
 def rkd_angle_loss(student, teacher, gather_distributed=False):
     """RKD angle (Park et al.): smooth-L1 (beta 1) between the angle cosines psi[a, j, k] of student and teacher,
     averaged over all b^3 triplets; degenerate triplets (coincident points) are 0 on both sides. One fused op
-    over the Gram matrices: O(b^2) memory, O(b^3) scalar work. Points closer than the Gram identity can resolve
-    (16 ulp of their squared norms, i.e. ~1e-3 relative distance in fp32) count as coincident."""
+    over the Gram matrices, formed in float64 (see _gram_float64): O(b^2) memory, O(b^3) scalar work. Points closer
+    than the Gram identity can resolve (16 ulp of their squared norms, ~1e-7 relative distance) count as
+    coincident. The result is fp32 (fp64 when an input is fp64)."""
     s, t = _pair("rkd_angle_loss", student, teacher, gather_distributed)
-    return torch.ops.kdops.rkd_angle(_self_gram(s), _self_gram(t))
+    loss = torch.ops.kdops.rkd_angle(_gram_float64(s), _gram_float64(t))
+    return loss if s.dtype == torch.float64 else loss.float()
 
 
 @_dtypes.loss
