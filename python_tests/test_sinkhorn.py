@@ -7,6 +7,8 @@ float64 result to 1e-4 relative on clouds of unit scale: the Gram identity |x-y|
 loses about log10(|x|^2 / |x-y|^2) digits of fp32's 7, and the log-sum-exp another one.
 """
 
+import math
+
 import ot
 import pytest
 import torch
@@ -169,6 +171,49 @@ def test_tiny_eps_large_features_stay_finite(device):
         assert torch.isfinite(v) and torch.isfinite(g).all() and v.item() > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_far_apart_single_points_give_their_cost(device, backend):
+    # one point each: the plan is 1 and the transport value is the cost |x - y|^2 / 2 (about 6e7 here, so
+    # c / eps ~ 1e9 and the rounding of f + g - c, divided by eps, once overflowed the plan's exponential)
+    x = (torch.randn(1, 16, generator=torch.Generator().manual_seed(261)) * 1e3).to(device).requires_grad_()
+    y = (torch.randn(1, 16, generator=torch.Generator().manual_seed(163)) * 3e3).to(device)
+    v = F.sinkhorn(x, y, value="transport", backend=backend)
+    gx = torch.autograd.grad(v, x)[0]
+    exact = 0.5 * (x.detach().double() - y.double()).square().sum()
+    torch.testing.assert_close(v.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gx, (x - y).detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1, 1.5])
+def test_p_below_2_at_nearly_coincident_points(device, backend, p):
+    # |x - y| = 1e-4 next to |x| = 1: the Gram identity leaves no digit of that distance in fp32 (it gave the
+    # pair a distance 0 and no gradient); the direct distance keeps it, and its gradient terms are summed
+    # from the differences
+    x = torch.tensor([[1.0001, 0.5], [0.3, -2.0]], device=device, requires_grad=True)
+    y = torch.tensor([[1.0, 0.5], [0.0, 0.0], [0.3, -2.0]], device=device)
+    x64, y64 = x.detach().double().cpu(), y.double().cpu()
+    # both values' gradient for x holds the last iterate's plan fixed: sum_j P_ij grad c, here from the fp64
+    # plan of the reference's loop (3 iterations, eps = 1, uniform weights)
+    c = torch.cdist(x64, y64).pow(p) / p
+    f, g = torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for _ in range(3):
+        f = -torch.logsumexp(math.log(1 / 3) + g[None] - c, dim=1)
+        g = -torch.logsumexp(math.log(1 / 2) + f[:, None] - c, dim=0)
+    plan = torch.exp(f[:, None] + g[None] - c) / 6
+    diff = x64[:, None] - y64[None]
+    dist = diff.norm(dim=-1, keepdim=True)
+    expect = (plan[..., None] * torch.where(dist > 0, diff * dist.pow(p - 2), torch.zeros_like(diff))).sum(1)
+    for value in ("entropic", "transport"):
+        v = F.sinkhorn(x, y, eps=1.0, p=p, max_iter=3, tol=0, value=value, backend=backend)
+        gx = torch.autograd.grad(v, x)[0]
+        ref = R.sinkhorn(x64, y64, eps=1.0, p=p, max_iter=3, value=value)
+        torch.testing.assert_close(v.double().cpu(), ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gx.double().cpu(), expect, rtol=1e-5, atol=1e-7)
+
+
 def test_potentials_and_module_and_class_conditional():
     x, y = clouds(10, 8, 3, "cpu")
     v, f, g = F.sinkhorn(x, y, eps=0.4, return_potentials=True, **TIGHT)
@@ -190,10 +235,13 @@ def test_opcheck_and_compile():
     for online in (False, True):
         torch.library.opcheck(torch.ops.kdops.sinkhorn_solve,
                               (x[None], y[None], loga, logb, 0.1, 2.0, 50, 1e-6, 0.0, 10, online, 4))
-    f, g = torch.zeros(1, 9), torch.zeros(1, 7)
-    torch.library.opcheck(torch.ops.kdops.sinkhorn_plan_pass, (x[None], y[None], loga, logb, f, g, 0.1, 2.0, 4))
-    fn = lambda a, b: F.sinkhorn(a, b, eps=0.1, value="transport")  # noqa: E731
-    torch.testing.assert_close(torch.compile(fn)(x, y), fn(x, y), rtol=1e-6, atol=0)
+    f = torch.zeros(1, 9)
+    y[:2] = x[:2]  # coincident pairs: the p != 2 pass sums their gradient terms from the differences
+    for p in (2.0, 1.0, 1.5):
+        torch.library.opcheck(torch.ops.kdops.sinkhorn_plan_pass, (x[None], y[None], loga, logb, f, 0.1, p, 4))
+    for p in (2, 1):
+        fn = lambda a, b: F.sinkhorn(a, b, eps=0.1, p=p, value="transport")  # noqa: E731
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, y), fn(x, y), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [

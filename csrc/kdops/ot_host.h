@@ -11,6 +11,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/cdist.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/clamp_min.h>
@@ -54,7 +55,17 @@ inline void check_solve(const at::Tensor& x, const at::Tensor& y, const at::Tens
   TORCH_CHECK(o.check_every >= 1 && o.tile >= 1, "kdops.sinkhorn_solve: check_every and tile must be >= 1");
 }
 
-// One half-iteration: out (rows of a) <- -eps * LSE over the columns of b, for every row.
+// The cost |x - y|^p / p of a block of rows of a against the rows of b, for p != 2: from the direct distance
+// (the Gram identity would lose half the digits of |x - y| at nearly coincident points).
+inline at::Tensor direct_cost(const at::Tensor& a, const at::Tensor& b, double p) {
+  at::Tensor c = at::cdist(a, b, 2.0, /*compute_mode=*/2);  // 2: never through a GEMM
+  if (p == 1.0) return c;
+  return c.pow_(p).div_(p);
+}
+
+// One half-iteration: out (rows of a) <- -eps * LSE over the columns of b, for every row. The online backend
+// recomputes the block per tile of rows: the Gram block (the kernel forms the cost from it) for p = 2, the cost
+// itself otherwise.
 template <class Dev>
 void update(const at::Tensor& a, const at::Tensor& b, const at::Tensor& full, const at::Tensor& ah,
             const at::Tensor& bh, const at::Tensor& h, double eps, double p, const SolveOptions& o, at::Tensor& buf,
@@ -67,21 +78,23 @@ void update(const at::Tensor& a, const at::Tensor& b, const at::Tensor& full, co
   const at::Tensor bt = b.t();
   for (int64_t r0 = 0; r0 < rows; r0 += o.tile) {
     const int64_t r1 = std::min(rows, r0 + o.tile);
+    at::Tensor o_slice = out.narrow(0, r0, r1 - r0);
+    if (p != 2.0) {
+      Dev::lse(direct_cost(a.narrow(0, r0, r1 - r0), b, p), ah.narrow(0, r0, r1 - r0), bh, h, eps, p, true, o_slice);
+      continue;
+    }
     at::Tensor d = buf.narrow(0, 0, r1 - r0);
     at::mm_out(d, a.narrow(0, r0, r1 - r0), bt);
-    at::Tensor o_slice = out.narrow(0, r0, r1 - r0);
     Dev::lse(d, ah.narrow(0, r0, r1 - r0), bh, h, eps, p, false, o_slice);
   }
 }
 
-// The cost |x - y|^p / p (n x m) from one GEMM, as the kernels would compute it (ot_math.h).
+// The cost |x - y|^p / p (n x m): for p = 2 from one GEMM, as the kernels would compute it (ot_math.h);
+// otherwise from the direct distance (direct_cost).
 inline at::Tensor cost_matrix(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xh, const at::Tensor& yh,
                               double p) {
-  at::Tensor c = (xh.unsqueeze(1) + yh.unsqueeze(0)).sub_(at::mm(x, y.t())).clamp_min_(0);
-  if (p == 2.0) return c;
-  c.mul_(2).sqrt_();
-  if (p == 1.0) return c;
-  return c.pow_(p).div_(p);
+  if (p != 2.0) return direct_cost(x, y, p);
+  return (xh.unsqueeze(1) + yh.unsqueeze(0)).sub_(at::mm(x, y.t())).clamp_min_(0);
 }
 
 // Upper bound of the cost over the pairs, for the first eps of eps-scaling: (max|x| + max|y|)^p / p.
@@ -108,8 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve(const at::Tensor& x_in, con
   at::Tensor f_prev = at::empty({n}, x.options());
   at::Tensor d, dt, buf_r, buf_c;
   if (o.online) {
-    buf_r = at::empty({std::min(n, o.tile), m}, x.options());
-    buf_c = at::empty({std::min(m, o.tile), n}, x.options());
+    if (o.p == 2.0) {
+      buf_r = at::empty({std::min(n, o.tile), m}, x.options());
+      buf_c = at::empty({std::min(m, o.tile), n}, x.options());
+    }
   }
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor xb = x[b], yb = y[b], la = loga[b], lb = logb[b], xhb = xh[b], yhb = yh[b];

@@ -79,9 +79,18 @@ def sinkhorn(x, y, a=None, b=None, eps=0.05, p=2, max_iter=100, tol=1e-6, scalin
     eps-scaling bound is read on the host too (two syncs per problem). With ``tol=0`` and no ``scaling`` the op
     never syncs (it runs ``max_iter`` iterations), which CUDA graph capture needs.
 
-    backend: "tensorized" forms the Gram matrix x y^T (and its transpose) once; "online" recomputes it in
-    tiles of 256 rows each iteration and never stores an n x m matrix (memory O(256 (n + m) + (n + m) d));
-    "auto" picks tensorized while n * m <= 2^24, online above. Inputs are computed in fp32 (fp64 when x or y is
+    backend: "tensorized" forms the cost matrix (and its transpose) once; "online" recomputes it in tiles of
+    256 rows each iteration and never stores an n x m matrix (memory O(256 (n + m) + (n + m) d)); "auto" picks
+    tensorized while n * m <= 2^24, online above. For p = 2 the cost comes from the Gram matrix x y^T (one GEMM;
+    |x - y|^2 / 2 is then accurate to the rounding of |x|^2 / 2 and |y|^2 / 2); for any other p from the direct
+    distances, since the Gram identity leaves no digit of |x - y| where points nearly coincide (and p < 2 makes
+    the gradient |x - y|^(p - 2) (x - y) depend on them): slower per iteration, and for p != 2 the backward
+    sums the gradient terms of such nearly coincident pairs from their differences, which reads their count on
+    the host (one sync per tile of 256 columns).
+
+    The plan is formed column by column as P_ij = b_j softmax_i(log a_i + (f_i - c_ij) / eps) (equal to
+    a_i b_j exp((f_i + g_j - c_ij) / eps) for the g of the last update), so that it stays finite where c / eps
+    dwarfs the digits of the potentials (far-apart clouds in fp32). Inputs are computed in fp32 (fp64 when x or y is
 fp64; dtypes may differ, and autocast does not change the result: :mod:`kdops.functional._dtypes`);
     the result has the batch shape: 0-dim for unbatched clouds, (B,) for batched ones. With
     ``return_potentials`` it returns (value, f, g) (potentials of the x-y problem).

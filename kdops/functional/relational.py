@@ -41,6 +41,9 @@ def _check_tensor(name, arg, x, dims):
     if x.dim() not in dims:
         raise ValueError("%s: %s must have %s dims, got shape %s"
                          % (name, arg, " or ".join(map(str, dims)), tuple(x.shape)))
+    if x.numel() == 0:
+        raise ValueError("%s: %s is empty (shape %s); every dimension must be at least 1"
+                         % (name, arg, tuple(x.shape)))
 
 
 def _check_batch(name, s, t, min_b=2):
@@ -390,10 +393,13 @@ def fsp_loss(student_pairs, teacher_pairs):
             or len(student_pairs) != len(teacher_pairs) or not student_pairs:
         raise ValueError("fsp_loss: student_pairs and teacher_pairs must be non-empty lists of (first, second) "
                          "map pairs of equal length")
-    for i, pair in enumerate(list(student_pairs) + list(teacher_pairs)):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError("fsp_loss: every entry must be a (first, second) pair of maps, got %s at %d"
-                             % (type(pair).__name__, i))
+    for side, pairs in (("student_pairs", student_pairs), ("teacher_pairs", teacher_pairs)):
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError("fsp_loss: every entry must be a (first, second) pair of maps, got %s at %s[%d]"
+                                 % (type(pair).__name__, side, i))
+            for k, x in enumerate(pair):
+                _check_tensor("fsp_loss", "%s[%d][%d]" % (side, i, k), x, (3, 4, 5))
     acc = _dtypes.acc_of(*[x for pair in list(student_pairs) + list(teacher_pairs) for x in pair
                            if isinstance(x, torch.Tensor)])
     total = 0
