@@ -74,6 +74,8 @@ CASES = {
     "reverse_kd_loss": Case("reverse_kd_loss", lambda z, ds, dt, dev, g: _logits(z, ds, dt, dev, g), LOGITS),
     "jsd_loss": Case("jsd_loss", lambda z, ds, dt, dev, g: _logits(z, ds, dt, dev, g), LOGITS),
     "dkd_loss": Case("dkd_loss", lambda z, ds, dt, dev, g: _logits(z, ds, dt, dev, g, target=True), LOGITS),
+    "mutual_kd_loss": Case("mutual_kd_loss", lambda z, ds, dt, dev, g: ([tuple(_logits(z, ds, dt, dev, g)[0])],
+                                                                      {"temperature": 2.0}), LOGITS, pair_arg=True),
     "margin_relu": Case("margin_relu", _margin_relu, MAPS, teacher=-1),
     "partial_l2_loss": Case("partial_l2_loss", _partial_l2, MAPS),
     "hint_loss": Case("hint_loss", lambda z, ds, dt, dev, g: (_maps(z, ds, dt, dev, g), {}), MAPS),

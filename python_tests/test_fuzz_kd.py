@@ -1,4 +1,5 @@
-"""Fuzzed parity of the KD family (kdops::kd_div through kd_loss, reverse_kd_loss, jsd_loss, dkd_loss) with its
+"""Fuzzed parity of the KD family (kdops::kd_div through kd_loss, reverse_kd_loss, jsd_loss, dkd_loss, and
+kdops::mutual_kd through mutual_kd_loss) with its
 references: random shapes (one class, two, odd sizes such as 1271, sequence-shaped rows), every dtype and
 mixed dtypes, non-contiguous and expanded inputs, logits up to 1e4, temperatures from 0.05 to 100, masked
 rows and all-masked batches, every reduction, and a non-uniform grad_output. See fuzz_support.py."""
@@ -96,3 +97,32 @@ def test_divergences_are_never_negative(name, data):
     out = (F.dkd_loss(s, t, y, temperature=temp, reduction="none") if name == "dkd_loss"
            else getattr(F, name)(s, t, temperature=temp, reduction="none"))
     assert bool((out >= 0).all()), out
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutual_kd_matches_reference(data):
+    # N peers, the first two in a drawn (possibly mixed) dtype pair, the others in the first one's dtype
+    n = data.draw(st.sampled_from([2, 3, 5]), label="peers")
+    rows = data.draw(st.sampled_from([(2,), (7,), (33,), (2, 5), (1,)]), label="rows")
+    c = data.draw(st.sampled_from([1, 2, 17, 1271]), label="classes")
+    scale = data.draw(st.sampled_from([1.0, 3.0, 1e-3, 1e4]), label="logit scale")
+    d0, d1 = dtype_pair(data)
+    leaves, views = [], []
+    for i in range(n):
+        z, view = tensor(data, (*rows, c), d1 if i == 1 else d0, scale, label="peer %d" % i)
+        leaves.append(z)
+        views.append(view)
+    kwargs = {"temperature": data.draw(st.sampled_from([0.05, 1.0, 4.0, 100.0]), label="T"),
+              "reduction": data.draw(st.sampled_from(REDUCTIONS), label="reduction"),
+              "average_peers": data.draw(st.booleans(), label="average_peers")}
+    grad_scale = data.draw(st.sampled_from([1.0, -3.7, 1e-3]), label="grad scale")
+    per = {"batchmean": leaves[0].numel() // c, "mean": leaves[0].numel(), "sum": 1, "none": 1}[kwargs["reduction"]]
+    temp = kwargs["temperature"]
+    zmax = max(z.detach().abs().max().item() for z in leaves)
+    # a peer's value sums N - 1 KL terms of the size T^2 (|z| / T + log C) per row; its gradient is
+    # T (N p_i - S) per row
+    call = Call(leaves, lambda ls, views=views: [[v(z) for v, z in zip(views, ls)]], kwargs,
+                grad_scale=grad_scale, grad_floor=abs(grad_scale) * temp * n / per,
+                value_floor=(n - 1) * (temp * zmax + temp * temp * math.log(c + 1)) * (leaves[0].numel() // c) / per)
+    check("mutual_kd_loss", F.mutual_kd_loss, R.mutual_kd_loss, call)

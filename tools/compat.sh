@@ -55,8 +55,8 @@ repo=$PWD
 # torch.compile, bad inputs) on the CPU; the trainer's tests need the trainer's dependencies and say nothing
 # about the torch version.
 COMPAT_TESTS=()
-for t in build layout dtypes kd kd_emulate partial_l2 logsum feature_overhaul relational relational_emulate distribution \
-         sinkhorn sinkhorn_emulate empty_inputs; do
+for t in build layout dtypes kd kd_emulate mutual_kd partial_l2 logsum feature_overhaul relational relational_emulate \
+         distribution sinkhorn sinkhorn_emulate empty_inputs; do
     COMPAT_TESTS+=("$repo/python_tests/test_$t.py")
 done
 # Run from inside the install so that `import kdops` is the CPU-only build, never the checkout's in-place one.

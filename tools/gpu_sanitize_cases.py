@@ -5,7 +5,7 @@
 Every public loss of kdops.functional (the cases of python_tests/loss_cases.py, so a new loss is covered as
 soon as it has a case) in fp32 and bf16, plus the op variants those cases do not reach: KD rows masked by
 ignore_index, MMD's saved and recomputed weight blocks and its poly kernel, Sinkhorn's online backend and
-batched problems, partial L2 through its op pair. `--device cpu` runs the same calls on the CPU (the dry run
+batched problems, partial L2 through its op pair, mutual learning with more peers than one register group. `--device cpu` runs the same calls on the CPU (the dry run
 of the GPU check keeps this list working there). Prints one line per call and exits non-zero if one raised.
 """
 
@@ -68,8 +68,13 @@ def extra_calls(device):
         per_sample = torch.ops.kdops.partial_l2(s, t, m)
         torch.autograd.grad(per_sample.sum(), (s, t))
 
+    def mutual_many_peers():  # more peers than one pass of the forward kernel's register groups
+        zs = [randn(4, 3, 300) for _ in range(11)]
+        torch.autograd.grad(F.mutual_kd_loss(zs, temperature=3.0).sum(), zs)
+
     return {"kd masked rows": kd_masked, "kd wide rows bf16": kd_wide_rows, "mmd blocks": mmd_blocks,
-            "sinkhorn backends": sinkhorn_backends, "partial_l2 op pair": partial_l2_ops}
+            "sinkhorn backends": sinkhorn_backends, "partial_l2 op pair": partial_l2_ops,
+            "mutual_kd 11 peers": mutual_many_peers}
 
 
 def main(argv=None):

@@ -146,5 +146,28 @@ inline KdCall prepare_backward(const at::Tensor& grad, const at::Tensor& student
   return c;
 }
 
+// Checks of mutual_kd / mutual_kd_backward (logits (N, R, C) with N >= 2 peers, stats (N, R, 2) in the opmath
+// dtype).
+inline void check_mutual(const at::Tensor& logits, double temperature, const char* op) {
+  TORCH_CHECK(logits.dim() == 3, "kdops.", op, ": logits must be (peers, rows, classes), got ", logits.sizes());
+  TORCH_CHECK(logits.size(0) >= 2, "kdops.", op, ": at least 2 peers are needed, got ", logits.size(0));
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "kdops.", op, ": logits must be a floating tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(temperature > 0.0, "kdops.", op, ": temperature must be > 0, got ", temperature);
+}
+
+inline void check_mutual_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats) {
+  const auto peer_rows = logits.sizes().slice(0, 2);
+  TORCH_CHECK(grad.sizes() == peer_rows && grad.scalar_type() == logits.scalar_type(),
+              "kdops.mutual_kd_backward: grad must be ", peer_rows, " in ", logits.scalar_type(), ", got ",
+              grad.sizes(), " in ", grad.scalar_type());
+  TORCH_CHECK(stats.dim() == 3 && stats.sizes().slice(0, 2) == peer_rows && stats.size(2) == mutual::kMutualStats &&
+                  stats.scalar_type() == at::toOpMathType(logits.scalar_type()),
+              "kdops.mutual_kd_backward: stats must be ", peer_rows, " + (", mutual::kMutualStats, ",) in ",
+              at::toOpMathType(logits.scalar_type()), ", got ", stats.sizes(), " in ", stats.scalar_type());
+  TORCH_CHECK(grad.device() == logits.device() && stats.device() == logits.device(),
+              "kdops.mutual_kd_backward: grad and stats must be on the device of logits");
+}
+
 }  // namespace kd
 }  // namespace kdops

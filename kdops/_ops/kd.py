@@ -1,4 +1,5 @@
-"""Fake kernels and autograd of the KD family's op, kdops::kd_div (KD, reverse KL, JSD, DKD)."""
+"""Fake kernels and autograd of the KD family's ops: kdops::kd_div (KD, reverse KL, JSD, DKD) and kdops::mutual_kd
+(mutual learning over N peers)."""
 
 import torch
 
@@ -42,3 +43,33 @@ def _kd_div_backward(ctx, grad_loss, _grad_stats):
 
 
 torch.library.register_autograd("kdops::kd_div", _kd_div_backward, setup_context=_kd_div_setup_context)
+
+
+@torch.library.register_fake("kdops::mutual_kd")
+def _mutual_kd_fake(logits, temperature, scale=1.0):
+    peers_rows = logits.shape[:2]
+    return logits.new_empty(peers_rows), logits.new_empty((*peers_rows, 2), dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.register_fake("kdops::mutual_kd_backward")
+def _mutual_kd_backward_fake(grad, logits, stats, temperature, scale=1.0):
+    return logits.new_empty(logits.shape)
+
+
+def _mutual_kd_setup_context(ctx, inputs, output):
+    logits, temperature = inputs[:2]
+    ctx.save_for_backward(logits, output[1])
+    ctx.temperature, ctx.scale = temperature, inputs[2] if len(inputs) > 2 else 1.0
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _mutual_kd_backward(ctx, grad_values, _grad_stats):
+    """Each peer's value differentiated for its own logits only (the other peers held fixed)."""
+    if grad_values is None or not ctx.needs_input_grad[0]:
+        return None, None, None
+    logits, stats = ctx.saved_tensors
+    return torch.ops.kdops.mutual_kd_backward(grad_values, logits, stats, ctx.temperature, ctx.scale), None, None
+
+
+torch.library.register_autograd("kdops::mutual_kd", _mutual_kd_backward, setup_context=_mutual_kd_setup_context)

@@ -15,6 +15,7 @@ equals ``ignore_index`` contribute nothing, and ``batchmean`` / ``mean`` divide 
 batch whose rows are all ignored gives 0).
 """
 
+import math
 import numbers
 
 import torch
@@ -144,3 +145,85 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
     scale = float(temperature) ** 2 if isinstance(temperature, numbers.Real) else 1.0
     return _kd_div("dkd_loss", student_logits, teacher_logits, "dkd", temperature, reduction, scale, target,
                    ignore_index, alpha=alpha, beta=beta, target_required=True)
+
+
+def _peers(name, logits):
+    """The peers' logits as one (N, rows, C) tensor in their promoted dtype, and the shape of one peer."""
+    if isinstance(logits, torch.Tensor):
+        if not logits.is_floating_point():
+            raise ValueError("%s: logits must be a floating-point tensor (N, ..., C), got %s" % (name, logits.dtype))
+        if logits.dim() < 2:
+            raise ValueError("%s: logits must be (N, ..., C) (N peers stacked) or a list of N tensors (..., C), "
+                             "got shape %s" % (name, tuple(logits.shape)))
+        peers, stacked = None, logits
+    elif isinstance(logits, (list, tuple)):
+        peers = list(logits)
+        for i, z in enumerate(peers):
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+                raise ValueError("%s: logits[%d] must be a floating-point tensor (..., C), got %s"
+                                 % (name, i, getattr(z, "dtype", type(z).__name__)))
+            if z.dim() < 1:
+                raise ValueError("%s: logits[%d] must have shape (..., C), got a 0-dim tensor" % (name, i))
+            if z.shape != peers[0].shape:
+                raise ValueError("%s: every peer's logits must have the shape of logits[0] %s, got %s at logits[%d]"
+                                 % (name, tuple(peers[0].shape), tuple(z.shape), i))
+            if z.device != peers[0].device:
+                raise ValueError("%s: every peer's logits must be on the device of logits[0] (%s), got %s at "
+                                 "logits[%d]" % (name, peers[0].device, z.device, i))
+        stacked = None
+    else:
+        raise ValueError("%s: logits must be a tensor (N, ..., C) or a list of N tensors (..., C), got %s"
+                         % (name, type(logits).__name__))
+    n = stacked.shape[0] if peers is None else len(peers)
+    if n < 2:
+        raise ValueError("%s: mutual learning needs at least 2 peers, got %d" % (name, n))
+    shape = tuple(stacked.shape[1:]) if peers is None else tuple(peers[0].shape)
+    if shape[-1] == 0:
+        raise ValueError("%s: logits must have at least one class (C >= 1), got peers of shape %s" % (name, shape))
+    if math.prod(shape) == 0:
+        raise ValueError("%s: logits is an empty batch (peers of shape %s); at least one row is needed"
+                         % (name, shape))
+    if peers is not None:
+        stacked = torch.stack(_dtypes.promote(*peers))
+    return stacked.reshape(n, -1, shape[-1]), shape
+
+
+@_dtypes.loss
+def mutual_kd_loss(logits, temperature=1.0, reduction="batchmean", scale_t2=True, average_peers=False):
+    """Deep Mutual Learning (Zhang et al. 2018): for N peers trained together, peer i's term
+    T^2 * sum_{j != i} KL(p_j || p_i), p = softmax(logits / T), with every other peer held fixed.
+
+    ``logits``: the peers' outputs on one batch, a list of N >= 2 tensors (..., C) of one shape (their dtypes
+    are promoted) or one stacked tensor (N, ..., C). Returns the N peers' terms, shape (N,) (``reduction``
+    over each peer's rows as in :func:`kd_loss`; ``none``: (N, ...)), in the promoted dtype.
+
+    The gradient of entry i reaches peer i's logits only (the peers' targets are detached, as DML prescribes),
+    so ``(ce_1 + ... + ce_N + lam * mutual_kd_loss(logits).sum()).backward()`` trains every peer on its own
+    loss in one backward. ``average_peers=True`` divides by N - 1 (the paper's average over the other peers;
+    the official code sums). ``scale_t2=False`` drops the T^2 factor (DML uses T = 1, where it is 1).
+
+    All N terms come from one fused pass over the N rows of each sample: with S = sum_j p_j and
+    E = sum_j p_j log p_j (per class), sum_{j != i} KL(p_j || p_i) = sum_c (E_c - S_c log p_ic) and its
+    gradient for peer i is (N p_i - S) / T, so the cost is O(N b C), not the O(N^2 b C) of the pairwise loop.
+    """
+    name = "mutual_kd_loss"
+    check_positive(name, "temperature", temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError("%s: reduction must be one of %s, got %r" % (name, REDUCTIONS, reduction))
+    z, shape = _peers(name, logits)
+    n, rows, num_classes = z.shape
+    scale = float(temperature) ** 2 if scale_t2 else 1.0
+    if average_peers:
+        scale /= n - 1
+    folded = reduction in ("batchmean", "mean") and z.dtype != torch.float16  # (see _kd_div)
+    if folded:
+        scale /= rows if reduction == "batchmean" else rows * num_classes
+    values, _ = torch.ops.kdops.mutual_kd(z, float(temperature), scale)
+    if reduction == "none":
+        return values.reshape(n, *shape[:-1])
+    # (keepdim, then squeeze: torch.compile of a graph whose output is values.sum(1) itself failed to compile its
+    # backward on torch 2.14, "mismatch in length of strides and shape")
+    total = values.sum(1, keepdim=True).squeeze(1)
+    if reduction == "sum" or folded:
+        return total
+    return total / rows if reduction == "batchmean" else total / (rows * num_classes)

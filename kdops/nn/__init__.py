@@ -7,6 +7,6 @@ from kdops.nn.distribution import (  # noqa: F401
     WassersteinLoss)
 from kdops.nn.feature import (  # noqa: F401
     FeatureHooks, HintLoss, OFDLoss, ProjectorLogSumLoss, margins_from_batchnorm)
-from kdops.nn.kd import DKDLoss, JSDLoss, KDLoss, ReverseKDLoss  # noqa: F401
+from kdops.nn.kd import DKDLoss, JSDLoss, KDLoss, MutualKDLoss, ReverseKDLoss  # noqa: F401
 from kdops.nn.ot import SinkhornLoss  # noqa: F401
 from kdops.nn.relational import ATLoss, CCLoss, FKDLoss, FSPLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss  # noqa: F401

@@ -61,3 +61,21 @@ class DKDLoss(nn.Module):
 
     def extra_repr(self):
         return "alpha=%s, beta=%s, temperature=%s" % (self.alpha, self.beta, self.temperature)
+
+
+class MutualKDLoss(nn.Module):
+    """Deep Mutual Learning's term for N peers, T^2 * sum_{j != i} KL(p_j || p_i) per peer i, the other peers held
+    fixed; forward(logits) takes a list of N peers' logits (or one (N, ..., C) tensor) and returns the N terms.
+    See :func:`kdops.functional.mutual_kd_loss`."""
+
+    def __init__(self, temperature=1.0, reduction="batchmean", scale_t2=True, average_peers=False):
+        super().__init__()
+        self.temperature, self.reduction, self.scale_t2 = temperature, reduction, scale_t2
+        self.average_peers = average_peers
+
+    def forward(self, logits):
+        return F.mutual_kd_loss(logits, self.temperature, self.reduction, self.scale_t2, self.average_peers)
+
+    def extra_repr(self):
+        return "temperature=%s, reduction=%r, scale_t2=%s, average_peers=%s" % (
+            self.temperature, self.reduction, self.scale_t2, self.average_peers)

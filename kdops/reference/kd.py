@@ -84,3 +84,17 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
     rows = _mask_rows(alpha * tckd + beta * nckd, target, ignore_index)
     return _reduce(rows, reduction, target, ignore_index, student_logits.shape[-1]) * (T * T)
+
+
+def mutual_kd_loss(logits, temperature=1.0, reduction="batchmean", scale_t2=True, average_peers=False):
+    """DML's pairwise loop: peer i's term T^2 * sum_{j != i} KL(p_j || p_i) with the other peers detached,
+    one F.kl_div per ordered pair (O(N^2 b C)). Returns the N terms stacked."""
+    peers = list(logits) if isinstance(logits, (list, tuple)) else list(logits.unbind(0))
+    T, n = temperature, len(peers)
+    out = []
+    for i, zi in enumerate(peers):
+        log_pi = F.log_softmax(zi / T, dim=-1)
+        rows = sum(_kl_rows(F.log_softmax(zj.detach() / T, dim=-1), log_pi) for j, zj in enumerate(peers) if j != i)
+        term = _reduce(rows, reduction, None, None, zi.shape[-1]) * (T * T if scale_t2 else 1.0)
+        out.append(term / (n - 1) if average_peers else term)
+    return torch.stack(out)
