@@ -15,12 +15,14 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "float temperature, str divergence, float alpha, float beta, int ignore_index, bool student_grad, "
       "bool teacher_grad, float scale=1.0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // Mutual learning over N peers (logits (N, R, C), R rows): per peer and row scale * sum_{j != i} KL(p_j || p_i),
-  // p = softmax(z / T), and the peers' row stats (N, R, 2: max logit, log-normaliser) for the backward, which gives
-  // each peer the gradient of its own value with the other peers held fixed (DML's detached peers).
-  m.def("mutual_kd(Tensor logits, float temperature, float scale=1.0) -> (Tensor, Tensor)",
+  // Mutual learning over N peers (a list of N logits tensors (R, C), R rows): per peer and row
+  // scale * sum_{j != i} KL(p_j || p_i), p = softmax(z / T), as (N, R), and the peers' row stats (N, R, 2: max
+  // logit, log-normaliser) for the backward, which gives each peer the gradient of its own value with the other
+  // peers held fixed (DML's detached peers).
+  m.def("mutual_kd(Tensor[] logits, float temperature, float scale=1.0) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  m.def("mutual_kd_backward(Tensor grad, Tensor logits, Tensor stats, float temperature, float scale=1.0) -> Tensor",
+  m.def("mutual_kd_backward(Tensor grad, Tensor[] logits, Tensor stats, float temperature, float scale=1.0) -> "
+        "Tensor[]",
         {at::Tag::pt2_compliant_tag});
   // Test only: the CUDA forward algorithm of kd_div (per-thread online updates, tree merge) run on the host.
   m.def(

@@ -135,12 +135,14 @@ def test_gradcheck_float64():
 
 
 def test_opcheck_and_compile():
-    z = torch.stack(peers(3, (4, 9), "cpu", seed=6)).requires_grad_()
-    torch.library.opcheck(torch.ops.kdops.mutual_kd, (z, 2.0, 0.5))
-    vals, stats = torch.ops.kdops.mutual_kd(z.detach(), 2.0, 0.5)
-    torch.library.opcheck(torch.ops.kdops.mutual_kd_backward, (torch.rand(3, 4), z.detach(), stats, 2.0, 0.5))
-    fn = lambda zz: F.mutual_kd_loss(zz, temperature=2.0)  # noqa: E731
-    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(z), fn(z), rtol=1e-6, atol=0)
+    zs = [z.requires_grad_() for z in peers(3, (4, 9), "cpu", seed=6)]
+    torch.library.opcheck(torch.ops.kdops.mutual_kd, (zs, 2.0, 0.5))
+    vals, stats = torch.ops.kdops.mutual_kd([z.detach() for z in zs], 2.0, 0.5)
+    torch.library.opcheck(torch.ops.kdops.mutual_kd_backward,
+                          (torch.rand(3, 4), [z.detach() for z in zs], stats, 2.0, 0.5))
+    for arg in (zs, torch.stack([z.detach() for z in zs]).requires_grad_()):
+        fn = lambda zz: F.mutual_kd_loss(zz, temperature=2.0)  # noqa: E731
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(arg), fn(arg), rtol=1e-6, atol=0)
 
 
 def test_cost_is_linear_in_peers():

@@ -1,7 +1,7 @@
 // CPU kernels of the mutual-learning op (mutual_kd and mutual_kd_backward), the math in kd_math.h (namespace
 // kd::mutual). Per row: each peer's stats (max, then the log of the sum of exponentials), then one pass over the
 // classes in chunks that forms the N peers' log-probabilities, S and E of the chunk, and folds every peer's
-// terms: N exponentials per class for all N values, not N^2.
+// terms: N exponentials per logit for all N values (the forward keeps them from the stats pass), not N^2.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -41,17 +41,23 @@ KDOPS_CPU_CLONES acc_t chunk_max(const acc_t* z, int64_t n) {
   return m;
 }
 
+// Writes e_c = exp((z_c - m) / T) of a chunk and returns their sum.
 template <typename acc_t>
-KDOPS_CPU_CLONES acc_t chunk_exp_sum(const acc_t* z, int64_t n, acc_t inv_t, acc_t m) {
+KDOPS_CPU_CLONES acc_t chunk_exp_store(const acc_t* z, int64_t n, acc_t inv_t, acc_t m, acc_t* e) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += exp_((z[c] - m) * inv_t);
+  for (int64_t c = 0; c < n; ++c) {
+    e[c] = exp_((z[c] - m) * inv_t);
+    s += e[c];
+  }
   return s;
 }
 
-// The stats of one peer's row: its largest logit m and log sum_c exp((z_c - m) / T) (two passes).
+// The stats of one peer's row, its largest logit m and log Z, Z = sum_c e_c, with e_c = exp((z_c - m) / T)
+// kept in `e` for the value pass (one exponential per logit in the forward).
 template <typename scalar_t, typename acc_t>
-void row_stats(const scalar_t* z, int64_t C, acc_t inv_t, ChunkReader<scalar_t, acc_t>& reader, acc_t* stats) {
+void row_stats(const scalar_t* z, int64_t C, acc_t inv_t, ChunkReader<scalar_t, acc_t>& reader, acc_t* stats,
+               acc_t* e) {
   acc_t m = neg_inf<acc_t>();
   for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
     const int64_t n = std::min(C, c0 + kChunk) - c0;
@@ -61,26 +67,36 @@ void row_stats(const scalar_t* z, int64_t C, acc_t inv_t, ChunkReader<scalar_t, 
   if (m > neg_inf<acc_t>()) {  // (every logit -inf, or NaN: passed on)
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(C, c0 + kChunk) - c0;
-      s += chunk_exp_sum(reader.read(z + c0, n), n, inv_t, m);
+      s += chunk_exp_store(reader.read(z + c0, n), n, inv_t, m, e + c0);
     }
   }
   stats[0] = m;
   stats[1] = std::log(s);
 }
 
-// One peer's chunk folded into S: forward (Forward) also into E, keeping the log-probabilities in `out`;
-// backward keeps the probabilities in `out`.
-template <bool Forward, typename acc_t>
-KDOPS_CPU_CLONES void chunk_probs(const acc_t* z, int64_t n, acc_t inv_t, const acc_t* stats, acc_t* out, acc_t* S,
-                                  acc_t* E) {
-  const acc_t m = stats[0], log_z = stats[1];
+// Forward: one peer's chunk folded into S and E from its kept e_c, its log-probabilities kept in `logp`.
+template <typename acc_t>
+KDOPS_CPU_CLONES void chunk_fold(const acc_t* z, const acc_t* e, int64_t n, acc_t inv_t, const acc_t* stats,
+                                 acc_t* logp, acc_t* S, acc_t* E) {
+  const acc_t m = stats[0], log_z = stats[1], inv_z = acc_t(1) / std::exp(log_z);
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     const acc_t l = mu::log_prob(z[c], inv_t, m, log_z);
-    const acc_t q = exp_(l);
-    out[c] = Forward ? l : q;
+    const acc_t q = e[c] * inv_z;
+    logp[c] = l;
     S[c] += q;
-    if (Forward) E[c] += mu::plogp(q, l);
+    E[c] += mu::plogp(q, l);
+  }
+}
+
+// Backward: one peer's probabilities of a chunk, kept in `p` and folded into S.
+template <typename acc_t>
+KDOPS_CPU_CLONES void chunk_probs(const acc_t* z, int64_t n, acc_t inv_t, const acc_t* stats, acc_t* p, acc_t* S) {
+  const acc_t m = stats[0], log_z = stats[1];
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    p[c] = exp_(mu::log_prob(z[c], inv_t, m, log_z));
+    S[c] += p[c];
   }
 }
 
@@ -98,18 +114,20 @@ KDOPS_CPU_CLONES void chunk_grad(const acc_t* p, const acc_t* S, int64_t n, acc_
   for (int64_t c = 0; c < n; ++c) out[c] = mu::grad_term(g, n_peers, p[c], S[c]);
 }
 
+// z[j]: peer j's logits (R, C); out, stats: (N, R) and (N, R, 2).
 template <typename scalar_t>
-void forward_rows(const scalar_t* z, int64_t N, int64_t R, int64_t C, double temperature, double scale,
+void forward_rows(const std::vector<const scalar_t*>& z, int64_t R, int64_t C, double temperature, double scale,
                   scalar_t* out, at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = static_cast<int64_t>(z.size());
   const acc_t inv_t = acc_t(1) / acc_t(temperature);
   at::parallel_for(0, R, mutual_grain(N, C), [&](int64_t r0, int64_t r1) {
     ChunkReader<scalar_t, acc_t> reader;
-    std::vector<acc_t> logp(N * kMutualChunk), value(N);
+    std::vector<acc_t> e(N * C), logp(N * kMutualChunk), value(N);
     acc_t S[kMutualChunk], E[kMutualChunk];
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t j = 0; j < N; ++j) {
-        row_stats(z + (j * R + r) * C, C, inv_t, reader, stats + (j * R + r) * mu::kMutualStats);
+        row_stats(z[j] + r * C, C, inv_t, reader, stats + (j * R + r) * mu::kMutualStats, e.data() + j * C);
       }
       std::fill(value.begin(), value.end(), acc_t(0));
       for (int64_t c0 = 0; c0 < C; c0 += kMutualChunk) {
@@ -117,20 +135,23 @@ void forward_rows(const scalar_t* z, int64_t N, int64_t R, int64_t C, double tem
         std::fill(S, S + n, acc_t(0));
         std::fill(E, E + n, acc_t(0));
         for (int64_t j = 0; j < N; ++j) {
-          chunk_probs<true>(reader.read(z + (j * R + r) * C + c0, n), n, inv_t, stats + (j * R + r) * mu::kMutualStats,
-                            logp.data() + j * kMutualChunk, S, E);
+          chunk_fold(reader.read(z[j] + r * C + c0, n), e.data() + j * C + c0, n, inv_t,
+                     stats + (j * R + r) * mu::kMutualStats, logp.data() + j * kMutualChunk, S, E);
         }
         for (int64_t i = 0; i < N; ++i) value[i] += chunk_value(E, S, logp.data() + i * kMutualChunk, n);
       }
-      for (int64_t i = 0; i < N; ++i) out[i * R + r] = static_cast<scalar_t>(kd::nonnegative(value[i]) * acc_t(scale));
+      for (int64_t i = 0; i < N; ++i) {
+        out[i * R + r] = static_cast<scalar_t>(kd::nonnegative(value[i]) * acc_t(scale));
+      }
     }
   });
 }
 
 template <typename scalar_t>
-void backward_rows(const scalar_t* grad, const scalar_t* z, const at::opmath_type<scalar_t>* stats, int64_t N,
-                   int64_t R, int64_t C, double temperature, double scale, scalar_t* gz) {
+void backward_rows(const scalar_t* grad, const std::vector<const scalar_t*>& z, const at::opmath_type<scalar_t>* stats,
+                   int64_t R, int64_t C, double temperature, double scale, const std::vector<scalar_t*>& gz) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = static_cast<int64_t>(z.size());
   const acc_t inv_t = acc_t(1) / acc_t(temperature), n_peers = acc_t(N);
   at::parallel_for(0, R, mutual_grain(N, C), [&](int64_t r0, int64_t r1) {
     ChunkReader<scalar_t, acc_t> reader;
@@ -142,11 +163,11 @@ void backward_rows(const scalar_t* grad, const scalar_t* z, const at::opmath_typ
         const int64_t n = std::min(C, c0 + kMutualChunk) - c0;
         std::fill(S, S + n, acc_t(0));
         for (int64_t j = 0; j < N; ++j) {
-          chunk_probs<false>(reader.read(z + (j * R + r) * C + c0, n), n, inv_t, stats + (j * R + r) * mu::kMutualStats,
-                             p.data() + j * kMutualChunk, S, static_cast<acc_t*>(nullptr));
+          chunk_probs(reader.read(z[j] + r * C + c0, n), n, inv_t, stats + (j * R + r) * mu::kMutualStats,
+                      p.data() + j * kMutualChunk, S);
         }
         for (int64_t i = 0; i < N; ++i) {
-          scalar_t* dst = gz + (i * R + r) * C + c0;
+          scalar_t* dst = gz[i] + r * C + c0;
           const acc_t g = acc_t(grad[i * R + r]) * acc_t(scale) * inv_t;
           chunk_grad(p.data() + i * kMutualChunk, S, n, g, n_peers, writer.dest(dst));
           writer.flush(dst, n);
@@ -156,38 +177,44 @@ void backward_rows(const scalar_t* grad, const scalar_t* z, const at::opmath_typ
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> mutual_kd_cpu(const at::Tensor& logits, double temperature, double scale) {
-  kd::check_mutual(logits, temperature, "mutual_kd");
-  const at::Tensor z = logits.contiguous();
-  const int64_t N = z.size(0), R = z.size(1), C = z.size(2);
-  at::Tensor out = at::empty({N, R}, z.options());
-  at::Tensor stats = at::empty({N, R, mu::kMutualStats}, z.options().dtype(at::toOpMathType(z.scalar_type())));
-  if (R == 0) return {out, stats};
-  if (C == 0) {
+template <typename scalar_t>
+std::vector<const scalar_t*> peer_pointers(const std::vector<at::Tensor>& peers) {
+  std::vector<const scalar_t*> out;
+  for (const at::Tensor& t : peers) out.push_back(t.const_data_ptr<scalar_t>());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mutual_kd_cpu(at::TensorList logits, double temperature, double scale) {
+  const kd::MutualCall c = kd::prepare_mutual(logits, temperature, "mutual_kd");
+  at::Tensor out = at::empty({c.N, c.R}, c.peers[0].options());
+  at::Tensor stats = at::empty({c.N, c.R, mu::kMutualStats}, c.peers[0].options().dtype(c.acc));
+  if (c.R == 0) return {out, stats};
+  if (c.C == 0) {
     out.zero_();
     stats.fill_(-std::numeric_limits<double>::infinity());
     return {out, stats};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mutual_kd_cpu", [&] {
-    forward_rows<scalar_t>(z.const_data_ptr<scalar_t>(), N, R, C, temperature, scale,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "mutual_kd_cpu", [&] {
+    forward_rows<scalar_t>(peer_pointers<scalar_t>(c.peers), c.R, c.C, temperature, scale,
                            out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<at::opmath_type<scalar_t>>());
   });
   return {out, stats};
 }
 
-at::Tensor mutual_kd_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats,
-                                  double temperature, double scale) {
-  kd::check_mutual(logits, temperature, "mutual_kd_backward");
-  kd::check_mutual_backward(grad, logits, stats);
-  const at::Tensor z = logits.contiguous(), g = grad.contiguous(), l = stats.contiguous();
-  const int64_t N = z.size(0), R = z.size(1), C = z.size(2);
-  at::Tensor gz = at::empty(z.sizes(), z.options());
-  if (R == 0 || C == 0) return gz;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "mutual_kd_backward_cpu", [&] {
-    backward_rows<scalar_t>(g.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(),
-                            l.const_data_ptr<at::opmath_type<scalar_t>>(), N, R, C, temperature, scale,
-                            gz.mutable_data_ptr<scalar_t>());
-  });
+std::vector<at::Tensor> mutual_kd_backward_cpu(const at::Tensor& grad, at::TensorList logits, const at::Tensor& stats,
+                                               double temperature, double scale) {
+  const kd::MutualCall c = kd::prepare_mutual(logits, temperature, "mutual_kd_backward");
+  kd::check_mutual_backward(grad, c, stats);
+  const at::Tensor g = grad.contiguous(), st = stats.contiguous();
+  std::vector<at::Tensor> gz = kd::empty_peer_grads(c);
+  if (c.R > 0 && c.C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "mutual_kd_backward_cpu", [&] {
+      std::vector<scalar_t*> dst;
+      for (at::Tensor& t : gz) dst.push_back(t.mutable_data_ptr<scalar_t>());
+      backward_rows<scalar_t>(g.const_data_ptr<scalar_t>(), peer_pointers<scalar_t>(c.peers),
+                              st.const_data_ptr<at::opmath_type<scalar_t>>(), c.R, c.C, temperature, scale, dst);
+    });
+  }
   return gz;
 }
 

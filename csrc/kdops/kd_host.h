@@ -146,27 +146,56 @@ inline KdCall prepare_backward(const at::Tensor& grad, const at::Tensor& student
   return c;
 }
 
-// Checks of mutual_kd / mutual_kd_backward (logits (N, R, C) with N >= 2 peers, stats (N, R, 2) in the opmath
-// dtype).
-inline void check_mutual(const at::Tensor& logits, double temperature, const char* op) {
-  TORCH_CHECK(logits.dim() == 3, "kdops.", op, ": logits must be (peers, rows, classes), got ", logits.sizes());
-  TORCH_CHECK(logits.size(0) >= 2, "kdops.", op, ": at least 2 peers are needed, got ", logits.size(0));
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "kdops.", op, ": logits must be a floating tensor, got ",
-              logits.scalar_type());
+// The peers of mutual_kd / mutual_kd_backward: N >= 2 logits tensors (R, C) of one shape, dtype and device, made
+// contiguous (no copy when they are), and the opmath dtype of their stats (N, R, 2).
+struct MutualCall {
+  std::vector<at::Tensor> peers;
+  int64_t N, R, C;
+  at::ScalarType dtype, acc;
+};
+
+inline MutualCall prepare_mutual(at::TensorList logits, double temperature, const char* op) {
+  TORCH_CHECK(logits.size() >= 2, "kdops.", op, ": at least 2 peers are needed, got ", logits.size());
+  const at::Tensor& first = logits[0];
+  TORCH_CHECK(at::isFloatingType(first.scalar_type()), "kdops.", op, ": logits must be floating tensors, got ",
+              first.scalar_type());
+  TORCH_CHECK(first.dim() == 2, "kdops.", op, ": each peer's logits must be (rows, classes), got ", first.sizes());
   TORCH_CHECK(temperature > 0.0, "kdops.", op, ": temperature must be > 0, got ", temperature);
+  MutualCall c;
+  for (size_t j = 0; j < logits.size(); ++j) {
+    const at::Tensor& z = logits[j];
+    TORCH_CHECK(z.sizes() == first.sizes() && z.scalar_type() == first.scalar_type() &&
+                    z.device() == first.device(),
+                "kdops.", op, ": every peer's logits must match peer 0 (", first.sizes(), ", ", first.scalar_type(),
+                ", ", first.device(), "), got ", z.sizes(), ", ", z.scalar_type(), ", ", z.device(), " at peer ", j);
+    c.peers.push_back(z.contiguous());
+  }
+  c.N = static_cast<int64_t>(logits.size());
+  c.R = first.size(0);
+  c.C = first.size(1);
+  c.dtype = first.scalar_type();
+  c.acc = at::toOpMathType(c.dtype);
+  return c;
 }
 
-inline void check_mutual_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& stats) {
-  const auto peer_rows = logits.sizes().slice(0, 2);
-  TORCH_CHECK(grad.sizes() == peer_rows && grad.scalar_type() == logits.scalar_type(),
-              "kdops.mutual_kd_backward: grad must be ", peer_rows, " in ", logits.scalar_type(), ", got ",
+inline void check_mutual_backward(const at::Tensor& grad, const MutualCall& c, const at::Tensor& stats) {
+  const std::vector<int64_t> peer_rows{c.N, c.R};
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(peer_rows) && grad.scalar_type() == c.dtype,
+              "kdops.mutual_kd_backward: grad must be ", at::IntArrayRef(peer_rows), " in ", c.dtype, ", got ",
               grad.sizes(), " in ", grad.scalar_type());
-  TORCH_CHECK(stats.dim() == 3 && stats.sizes().slice(0, 2) == peer_rows && stats.size(2) == mutual::kMutualStats &&
-                  stats.scalar_type() == at::toOpMathType(logits.scalar_type()),
-              "kdops.mutual_kd_backward: stats must be ", peer_rows, " + (", mutual::kMutualStats, ",) in ",
-              at::toOpMathType(logits.scalar_type()), ", got ", stats.sizes(), " in ", stats.scalar_type());
-  TORCH_CHECK(grad.device() == logits.device() && stats.device() == logits.device(),
-              "kdops.mutual_kd_backward: grad and stats must be on the device of logits");
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == c.N && stats.size(1) == c.R &&
+                  stats.size(2) == mutual::kMutualStats && stats.scalar_type() == c.acc,
+              "kdops.mutual_kd_backward: stats must be (", c.N, ", ", c.R, ", ", mutual::kMutualStats, ") in ",
+              c.acc, ", got ", stats.sizes(), " in ", stats.scalar_type());
+  TORCH_CHECK(grad.device() == c.peers[0].device() && stats.device() == c.peers[0].device(),
+              "kdops.mutual_kd_backward: grad and stats must be on the device of the logits");
+}
+
+// The gradients of the N peers, one tensor (R, C) each.
+inline std::vector<at::Tensor> empty_peer_grads(const MutualCall& c) {
+  std::vector<at::Tensor> out;
+  for (int64_t j = 0; j < c.N; ++j) out.push_back(at::empty({c.R, c.C}, c.peers[0].options()));
+  return out;
 }
 
 }  // namespace kd

@@ -47,29 +47,32 @@ torch.library.register_autograd("kdops::kd_div", _kd_div_backward, setup_context
 
 @torch.library.register_fake("kdops::mutual_kd")
 def _mutual_kd_fake(logits, temperature, scale=1.0):
-    peers_rows = logits.shape[:2]
-    return logits.new_empty(peers_rows), logits.new_empty((*peers_rows, 2), dtype=acc_dtype(logits.dtype))
+    peers_rows = (len(logits), logits[0].shape[0])
+    first = logits[0]
+    return first.new_empty(peers_rows), first.new_empty((*peers_rows, 2), dtype=acc_dtype(first.dtype))
 
 
 @torch.library.register_fake("kdops::mutual_kd_backward")
 def _mutual_kd_backward_fake(grad, logits, stats, temperature, scale=1.0):
-    return logits.new_empty(logits.shape)
+    return [z.new_empty(z.shape) for z in logits]
 
 
 def _mutual_kd_setup_context(ctx, inputs, output):
     logits, temperature = inputs[:2]
-    ctx.save_for_backward(logits, output[1])
+    ctx.save_for_backward(output[1], *logits)
     ctx.temperature, ctx.scale = temperature, inputs[2] if len(inputs) > 2 else 1.0
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
+    ctx.rest = len(inputs) - 1  # the non-tensor inputs after the list
 
 
 def _mutual_kd_backward(ctx, grad_values, _grad_stats):
     """Each peer's value differentiated for its own logits only (the other peers held fixed)."""
-    if grad_values is None or not ctx.needs_input_grad[0]:
-        return None, None, None
-    logits, stats = ctx.saved_tensors
-    return torch.ops.kdops.mutual_kd_backward(grad_values, logits, stats, ctx.temperature, ctx.scale), None, None
+    stats, *logits = ctx.saved_tensors
+    if grad_values is None:
+        return ([None] * len(logits),) + (None,) * ctx.rest
+    grads = torch.ops.kdops.mutual_kd_backward(grad_values, logits, stats, ctx.temperature, ctx.scale)
+    return (list(grads),) + (None,) * ctx.rest
 
 
 torch.library.register_autograd("kdops::mutual_kd", _mutual_kd_backward, setup_context=_mutual_kd_setup_context)

@@ -148,14 +148,15 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, temper
 
 
 def _peers(name, logits):
-    """The peers' logits as one (N, rows, C) tensor in their promoted dtype, and the shape of one peer."""
+    """The peers' logits as N tensors (rows, C) in their promoted dtype (views where they can be), and the shape
+    of one peer."""
     if isinstance(logits, torch.Tensor):
         if not logits.is_floating_point():
             raise ValueError("%s: logits must be a floating-point tensor (N, ..., C), got %s" % (name, logits.dtype))
         if logits.dim() < 2:
             raise ValueError("%s: logits must be (N, ..., C) (N peers stacked) or a list of N tensors (..., C), "
                              "got shape %s" % (name, tuple(logits.shape)))
-        peers, stacked = None, logits
+        peers = list(logits.unbind(0))
     elif isinstance(logits, (list, tuple)):
         peers = list(logits)
         for i, z in enumerate(peers):
@@ -170,22 +171,19 @@ def _peers(name, logits):
             if z.device != peers[0].device:
                 raise ValueError("%s: every peer's logits must be on the device of logits[0] (%s), got %s at "
                                  "logits[%d]" % (name, peers[0].device, z.device, i))
-        stacked = None
     else:
         raise ValueError("%s: logits must be a tensor (N, ..., C) or a list of N tensors (..., C), got %s"
                          % (name, type(logits).__name__))
-    n = stacked.shape[0] if peers is None else len(peers)
-    if n < 2:
-        raise ValueError("%s: mutual learning needs at least 2 peers, got %d" % (name, n))
-    shape = tuple(stacked.shape[1:]) if peers is None else tuple(peers[0].shape)
+    if len(peers) < 2:
+        raise ValueError("%s: mutual learning needs at least 2 peers, got %d" % (name, len(peers)))
+    shape = tuple(peers[0].shape)
     if shape[-1] == 0:
         raise ValueError("%s: logits must have at least one class (C >= 1), got peers of shape %s" % (name, shape))
     if math.prod(shape) == 0:
         raise ValueError("%s: logits is an empty batch (peers of shape %s); at least one row is needed"
                          % (name, shape))
-    if peers is not None:
-        stacked = torch.stack(_dtypes.promote(*peers))
-    return stacked.reshape(n, -1, shape[-1]), shape
+    peers = _dtypes.promote(*peers)
+    return (list(peers) if len(shape) == 2 else [z.reshape(-1, shape[-1]) for z in peers]), shape
 
 
 @_dtypes.loss
@@ -202,7 +200,8 @@ def mutual_kd_loss(logits, temperature=1.0, reduction="batchmean", scale_t2=True
     loss in one backward. ``average_peers=True`` divides by N - 1 (the paper's average over the other peers;
     the official code sums). ``scale_t2=False`` drops the T^2 factor (DML uses T = 1, where it is 1).
 
-    All N terms come from one fused pass over the N rows of each sample: with S = sum_j p_j and
+    All N terms come from one fused pass over the N rows of each sample (the peers are read where they are,
+    never stacked into one copy): with S = sum_j p_j and
     E = sum_j p_j log p_j (per class), sum_{j != i} KL(p_j || p_i) = sum_c (E_c - S_c log p_ic) and its
     gradient for peer i is (N p_i - S) / T, so the cost is O(N b C), not the O(N^2 b C) of the pairwise loop.
     """
@@ -211,11 +210,11 @@ def mutual_kd_loss(logits, temperature=1.0, reduction="batchmean", scale_t2=True
     if reduction not in REDUCTIONS:
         raise ValueError("%s: reduction must be one of %s, got %r" % (name, REDUCTIONS, reduction))
     z, shape = _peers(name, logits)
-    n, rows, num_classes = z.shape
+    n, (rows, num_classes) = len(z), z[0].shape
     scale = float(temperature) ** 2 if scale_t2 else 1.0
     if average_peers:
         scale /= n - 1
-    folded = reduction in ("batchmean", "mean") and z.dtype != torch.float16  # (see _kd_div)
+    folded = reduction in ("batchmean", "mean") and z[0].dtype != torch.float16  # (see _kd_div)
     if folded:
         scale /= rows if reduction == "batchmean" else rows * num_classes
     values, _ = torch.ops.kdops.mutual_kd(z, float(temperature), scale)
