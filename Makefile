@@ -1,4 +1,5 @@
 # make demo   set everything up on a fresh machine, then run the demo
+# make reproduce  every claim of kdops/train/claims.py over 5 seeds, then docs/reproductions.md (~40 min, 2 cores)
 # make test   set everything up, then run the whole test suite
 # make build  (re)build the extension in place; make bench: the benchmarks and benchmarks/RESULTS.md
 SHELL := /bin/bash
@@ -10,7 +11,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := build/.kdops-built
 SOURCES := $(shell find csrc -type f) setup.py kdops/version.py
 
-.PHONY: all setup build demo test bench report clean compat gpu-check gpu-check-dry-run gpu-wheels
+.PHONY: all setup build demo reproduce reproduce-quick test bench report clean compat gpu-check gpu-check-dry-run gpu-wheels
 
 all: test
 
@@ -33,6 +34,21 @@ build: $(STAMP_BUILD)
 
 demo: $(STAMP_BUILD)
 	$(PY) -m kdops.train.demo
+
+# make reproduce: each claim in turn (teachers and runs cached under REPRO_DIR/cache and reused by the next
+# claim and the next call), then the page and its plots from every REPRO_DIR/<claim>/summary.json.
+# make reproduce-quick: the smoke run of every claim (one seed, one epoch, no verdict; CI).
+REPRO_DIR ?= runs/reproduce
+REPRO_ARGS ?=
+reproduce: $(STAMP_BUILD)
+	@set -e; for c in $$($(PY) -m kdops.train reproduce --list | cut -d' ' -f1); do \
+	    $(PY) -m kdops.train reproduce $$c --out $(REPRO_DIR)/$$c --cache $(REPRO_DIR)/cache $(REPRO_ARGS); done
+	$(PY) -m kdops.train reproduce --report $(REPRO_DIR) --docs docs/reproductions.md
+
+reproduce-quick: $(STAMP_BUILD)
+	@set -e; for c in $$($(PY) -m kdops.train reproduce --list | cut -d' ' -f1); do \
+	    $(PY) -m kdops.train reproduce $$c --quick --out $(REPRO_DIR)-quick/$$c --cache $(REPRO_DIR)-quick/cache; \
+	done
 
 test: $(STAMP_BUILD)
 	$(PY) -m pytest python_tests -q

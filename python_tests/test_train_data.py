@@ -59,6 +59,26 @@ def test_multiview_is_seeded_and_each_class_spans_its_views():
         synthetic.make_multiview(colours=3)
 
 
+def test_multiview_views_shown_match_the_samples():
+    # without noise and distractors a sample is sum over its shown views of w_v * dir_v, w_v in [0.5, 1.5]: its
+    # projection on a view's direction is large exactly where that view is shown (the directions of one class
+    # are nearly orthogonal in 64 dims)
+    kw = dict(n_train=300, n_test=50, noise=0.0, distractors=1, distractor_scale=0.0)
+    x, y, xt, yt, shown, shown_t = synthetic.make_multiview(return_views=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, xt, yt), synthetic.make_multiview(**kw)))
+    assert shown.shape == (300, 4) and shown_t.shape == (50, 4) and shown.any(1).all()
+    assert (shown.sum(1) == 1).any() and (shown.sum(1) > 1).any()
+    # each class's views, recovered as the mean of its single-view samples showing that view
+    single = shown.sum(1) == 1
+    for k in range(3):
+        for v in range(4):
+            rows = (y == k) & single & shown[:, v]
+            if rows.sum() >= 2:
+                direction = torch.nn.functional.normalize(x[rows].mean(0), dim=0)
+                proj = x[y == k] @ direction
+                assert (proj[shown[y == k][:, v]].min() > proj[~shown[y == k][:, v]].max())
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_cifar10_from_pickle_batches(tmp_path, nested):
     written = fake_data.write_cifar10(str(tmp_path), nested=nested)

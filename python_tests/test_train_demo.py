@@ -10,7 +10,7 @@ from kdops.train import demo
 
 def test_demo_writes_table_plot_and_runs(tmp_path):
     out = str(tmp_path / "demo")
-    rows = demo.main(["--out", out, "--seeds", "2", "--epochs", "2", "--teacher-epochs", "2", "--methods", "none",
+    rows = demo.main(["--out", out, "--seeds", "2", "--epochs", "4", "--teacher-epochs", "2", "--methods", "none",
                       "kd", "logsum", "--repeats", "2"])
     assert [r["method"] for r in rows] == ["none", "kd", "logsum"]
     assert all(r["seeds"] == 2 and r["test_acc_mean"] > 0.3 for r in rows)  # chance is 0.1

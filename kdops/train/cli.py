@@ -25,7 +25,7 @@ from kdops.train import data, methods, models, runlog
 
 COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_dataset", "hp", "epochs",
                       "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
-                      "weight_decay", "seed", "train_subset", "test_subset", "augment", "sync_bn")
+                      "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn")
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,38 +33,52 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
+def add_common_args(q, multi_model=False):
+    """The options every training command shares (teacher, distill, mutual); `multi_model`: --model repeatable."""
+    q.add_argument("--dataset", default="digits", help="one of %s (default digits)" % ", ".join(data.DATASETS))
+    q.add_argument("--data-dir", help="where cifar10 / cifar100 / svhn files are (nothing is downloaded)")
+    q.add_argument("--model", action="append" if multi_model else "store",
+                   help=("once per peer or once for all peers: " if multi_model else "")
+                   + "one of %s; default: the dataset's small family, size l for a teacher, s for a student "
+                     "(resnet32x4 / resnet8x4 on CIFAR and SVHN)" % ", ".join(models.MODELS))
+    q.add_argument("--epochs", type=int, default=20)
+    q.add_argument("--batch-size", type=int, default=64, help="global batch (split over DDP processes)")
+    q.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    q.add_argument("--lr", type=float, default=0.05)
+    q.add_argument("--momentum", type=float, default=0.9)
+    q.add_argument("--weight-decay", type=float, default=5e-4)
+    q.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
+    q.add_argument("--lr-milestones", type=int, nargs="+", help="epochs of the step schedule (default: 50%%, 75%%)")
+    q.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule factor")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--threads", type=int, help="torch intra-op threads")
+    q.add_argument("--out", required=True, help="run directory (created)")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    q.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="end this process after that epoch (for time-limited job slots; continue with --resume)")
+    q.add_argument("--train-subset", type=int, help="use the first N training samples")
+    q.add_argument("--test-subset", type=int, help="use the first N test samples")
+    q.add_argument("--val-split", type=int, metavar="N",
+                   help="hold out the last N training samples (before --train-subset) and evaluate on them "
+                        "instead of the test set, for choosing hyper-parameters")
+    q.add_argument("--no-augment", dest="augment", action="store_false", help="no crop / flip on CIFAR and SVHN")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
+    q.add_argument("--sync-bn", action="store_true", help="under DDP on CUDA: BatchNorm statistics over the "
+                                                            "global batch (SyncBatchNorm)")
+
+
 def build_parser():
     p = Parser(prog="kdops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     teacher = sub.add_parser("teacher", help="train a model on labels alone (a teacher)")
     distill = sub.add_parser("distill", help="train a student with a distillation method")
+    sub.add_parser("reproduce", help="re-run a published claim over seeds (see: kdops reproduce --help)",
+                   add_help=False)
+    sub.add_parser("mutual", help="train N peers together from scratch, Deep Mutual Learning (see: kdops mutual "
+                                  "--help)", add_help=False)
     for q in (teacher, distill):
-        q.add_argument("--dataset", default="digits", help="one of %s (default digits)" % ", ".join(data.DATASETS))
-        q.add_argument("--data-dir", help="where cifar10 / cifar100 / svhn files are (nothing is downloaded)")
-        q.add_argument("--model", help="one of %s; default: the dataset's small family, size l for a teacher, s for a "
-                                       "student (resnet32x4 / resnet8x4 on CIFAR and SVHN)" % ", ".join(models.MODELS))
-        q.add_argument("--epochs", type=int, default=20)
-        q.add_argument("--batch-size", type=int, default=64, help="global batch (split over DDP processes)")
-        q.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-        q.add_argument("--lr", type=float, default=0.05)
-        q.add_argument("--momentum", type=float, default=0.9)
-        q.add_argument("--weight-decay", type=float, default=5e-4)
-        q.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
-        q.add_argument("--lr-milestones", type=int, nargs="+", help="epochs of the step schedule (default: 50%%, 75%%)")
-        q.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule factor")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--device", default="cpu", help="cpu or cuda")
-        q.add_argument("--threads", type=int, help="torch intra-op threads")
-        q.add_argument("--out", required=True, help="run directory (created)")
-        q.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
-        q.add_argument("--stop-after", type=int, metavar="EPOCH",
-                       help="end this process after that epoch (for time-limited job slots; continue with --resume)")
-        q.add_argument("--train-subset", type=int, help="use the first N training samples")
-        q.add_argument("--test-subset", type=int, help="use the first N test samples")
-        q.add_argument("--no-augment", dest="augment", action="store_false", help="no crop / flip on CIFAR and SVHN")
-        q.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
-        q.add_argument("--sync-bn", action="store_true", help="under DDP on CUDA: BatchNorm statistics over the "
-                                                                "global batch (SyncBatchNorm)")
+        add_common_args(q)
     distill.add_argument("--method", required=True, help="one of: %s" % ", ".join(sorted(methods.METHODS)))
     distill.add_argument("--teacher", action="append", default=[], help="teacher checkpoint or run dir; repeat for an "
                                                                        "ensemble (the terms are averaged)")
@@ -171,12 +185,42 @@ def make_scheduler(args, opt):
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size", "train_subset", "test_subset", "threads", "stop_after"):
+    for name in ("epochs", "batch_size", "train_subset", "test_subset", "val_split", "threads", "stop_after"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError("--%s must be >= 1, got %d" % (name.replace("_", "-"), v))
     if not args.lr > 0:
         raise ValueError("--lr must be > 0, got %r" % args.lr)
+
+
+def load_dataset(args):
+    """The dataset of a training command: --val-split holds out the tail of the training set and evaluates on
+    it instead of the test set; then --train-subset / --test-subset."""
+    dataset = data.load(args.dataset, args.data_dir, augment=args.augment)
+    if args.val_split:
+        n = len(dataset.y_train) - args.val_split
+        if n < 2:
+            raise ValueError("--val-split %d leaves %d training samples" % (args.val_split, n))
+        dataset = data.Dataset(dataset.name, dataset.x_train[:n], dataset.y_train[:n], dataset.x_train[n:],
+                               dataset.y_train[n:], dataset.num_classes, dataset.input_shape, dataset.prepare)
+    if args.train_subset or args.test_subset:
+        dataset = dataset.subset(args.train_subset, args.test_subset)
+    return dataset
+
+
+def resumed_checkpoint(args, cfg, compared):
+    """The checkpoint in --out to continue (None for a new run). A run is never overwritten: an existing one
+    needs --resume, and the options named in `compared` must be those it was started with."""
+    ckpt_file = os.path.join(args.out, runlog.CHECKPOINT)
+    if not os.path.exists(ckpt_file):
+        return None
+    if not args.resume:
+        raise ValueError("%s already holds a run; pass --resume to continue it or choose another --out" % args.out)
+    ck = runlog.load_checkpoint(ckpt_file)
+    diff = [k for k in compared if ck["config"].get(k) != cfg.get(k)]
+    if diff:
+        raise ValueError("--resume: the run in %s used different %s" % (args.out, ", ".join(diff)))
+    return ck
 
 
 def config_of(args, hp):
@@ -235,9 +279,7 @@ def _train(args, rank, world, device):
         raise ValueError("--batch-size %d must be divisible by the %d processes" % (args.batch_size, world))
     method = methods.get(args.method if args.command == "distill" else "none")
     hp = method.hparams(parse_method_args(args) if args.command == "distill" else {})
-    dataset = data.load(args.dataset, args.data_dir, augment=args.augment)
-    if args.train_subset or args.test_subset:
-        dataset = dataset.subset(args.train_subset, args.test_subset)
+    dataset = load_dataset(args)
     teachers = load_teachers(args, dataset, method, device) if args.command == "distill" else []
     args.model = args.model or default_model(dataset, args.command)
     torch.manual_seed(args.seed)
@@ -254,13 +296,8 @@ def _train(args, rank, world, device):
 
     ckpt_file = os.path.join(args.out, runlog.CHECKPOINT)
     history, start = [], 0
-    if os.path.exists(ckpt_file):
-        if not args.resume:
-            raise ValueError("%s already holds a run; pass --resume to continue it or choose another --out" % args.out)
-        ck = runlog.load_checkpoint(ckpt_file)
-        diff = [k for k in COMPARED_ON_RESUME if ck["config"].get(k) != cfg.get(k)]
-        if diff:
-            raise ValueError("--resume: the run in %s used different %s" % (args.out, ", ".join(diff)))
+    ck = resumed_checkpoint(args, cfg, COMPARED_ON_RESUME)
+    if ck is not None:
         student.load_state_dict(ck["model_state"])
         distiller.load_state_dict(ck["distiller_state"])
         opt.load_state_dict(ck["optimizer"])
@@ -337,6 +374,7 @@ def _train(args, rank, world, device):
         summary = {"command": args.command, "dataset": dataset.name, "model": args.model, "method": method.name,
                    "hp": hp, "teachers": list(args.teacher) if args.command == "distill" else [],
                    "epochs": args.epochs, "seed": args.seed, "world_size": world, "device": str(device),
+                   "evaluated_on": "validation" if args.val_split else "test",
                    "params": sum(p.numel() for p in student.parameters()),
                    "final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
                    "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
@@ -346,9 +384,22 @@ def _train(args, rank, world, device):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["reproduce"]:  # a driver of many runs with its own options
+        from kdops.train import reproduce
+
+        return reproduce.main(argv[1:])
+    if argv[:1] == ["mutual"]:  # N models and their optimisers: a training loop of its own
+        from kdops.train import mutual
+
+        return mutual.main(argv[1:])
+    return run_command(train, build_parser().parse_args(argv))
+
+
+def run_command(fn, args):
+    """Runs a training command; a bad argument or missing file is one line on stderr and exit code 2."""
     try:
-        train(args)
+        fn(args)
     except (ValueError, FileNotFoundError) as e:
         print("kdops: error: %s" % str(e).replace("\n", " "), file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ def mnist1d():
     return as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"])
 
 
-def make_multiview(**overrides):
+def make_multiview(return_views=False, **overrides):
     """A multi-view classification set in the spirit of the theory behind feature distillation
     (Allen-Zhu & Li, "Towards understanding ensemble, knowledge distillation and self-distillation").
 
@@ -59,7 +59,8 @@ def make_multiview(**overrides):
     views of other random classes with weights scaled by ``distractor_scale``, plus Gaussian noise of std
     ``noise``. A model that has learnt only some views of a class fails on the samples that lack them, which is
     the gap a teacher's soft labels and features can fill. Deterministic given ``seed``; returns float32
-    x (n, dim) and int64 y for train and test: (x_train, y_train, x_test, y_test).
+    x (n, dim) and int64 y for train and test: (x_train, y_train, x_test, y_test). ``return_views=True`` also
+    returns which of its class's views each sample shows, bool (n, views) for train and test.
     """
     p = dict(MULTIVIEW_DEFAULTS)
     unknown = set(overrides) - set(p)
@@ -81,8 +82,8 @@ def make_multiview(**overrides):
         which = torch.randint(0, v, (n, p["distractors"]), generator=g)
         dw = p["distractor_scale"] * torch.rand(n, p["distractors"], generator=g)
         x = x + torch.einsum("nj,njd->nd", dw, dirs[other, which])
-        return x + p["noise"] * torch.randn(n, d, generator=g), y
+        return x + p["noise"] * torch.randn(n, d, generator=g), y, shown
 
-    x, y = sample(p["n_train"])
-    xt, yt = sample(p["n_test"])
-    return x, y, xt, yt
+    x, y, shown = sample(p["n_train"])
+    xt, yt, shown_t = sample(p["n_test"])
+    return (x, y, xt, yt, shown, shown_t) if return_views else (x, y, xt, yt)

@@ -1,0 +1,235 @@
+"""Deep Mutual Learning (Zhang et al. 2018): N peers trained together from scratch, no pretrained teacher.
+
+    python -m kdops.train mutual --peers 2 --model cnn1d-s --dataset mnist1d --epochs 20 --out runs/dml
+    python -m kdops.train mutual --model cnn1d-s --model cnn1d-m --out runs/dml-mixed     (one peer per --model)
+
+Peer i minimises CE(z_i, y) + lam * T^2 * sum_{j != i} KL(p_j || p_i) with the other peers' outputs detached
+(``kdops.functional.mutual_kd_loss``: all N terms from one fused pass). ``--average-peers`` divides the sum by
+N - 1 (the paper's average; the official code sums). By default every peer is updated on the same batch from the
+same forward pass (what most PyTorch versions do); ``--sequential`` updates the peers one after another, each
+against the others' current outputs (the official code's order: peer i sees peers < i already updated).
+
+Each peer has its own optimiser and schedule (the shared flags). Every epoch appends to ``metrics.jsonl`` (per
+peer test accuracy, their mean and the accuracy of the peers' ensemble, the mean of their probabilities) and
+rewrites ``checkpoint.pt`` atomically (all peers, optimisers, schedules, RNG state, history); ``--resume``
+continues from the last completed epoch. Each peer is also saved on its own as ``peer<i>/checkpoint.pt``, a
+checkpoint that ``distill --teacher`` accepts. At the end: ``summary.json`` and ``curves.png``.
+"""
+
+import os
+import time
+
+import torch
+
+from kdops import functional as KF
+from kdops.train import cli, models, runlog
+
+COMPARED_ON_RESUME = ("command", "dataset", "models", "peers", "epochs", "batch_size", "lr", "lr_schedule",
+                      "lr_milestones", "lr_gamma", "optimizer", "momentum", "weight_decay", "seed", "train_subset",
+                      "test_subset", "val_split", "augment", "temperature", "mutual_weight", "average_peers",
+                      "sequential")
+
+
+def build_parser():
+    p = cli.Parser(prog="kdops mutual", description=__doc__,
+                   formatter_class=cli.argparse.RawDescriptionHelpFormatter)
+    cli.add_common_args(p, multi_model=True)
+    p.add_argument("--peers", type=int, help="number of peers (default: one per --model, or 2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="T of the mutual term (default 1, as DML)")
+    p.add_argument("--mutual-weight", type=float, default=1.0, help="lam, the weight of the mutual term (default 1)")
+    p.add_argument("--average-peers", action="store_true", help="divide the mutual term by N - 1")
+    p.add_argument("--sequential", action="store_true", help="update the peers one after another (official code)")
+    return p
+
+
+def peer_models(args, dataset):
+    """The model name of each peer: --model once for all peers, or once per peer."""
+    given = args.model or []
+    n = args.peers if args.peers is not None else max(len(given), 2)
+    if n < 2:
+        raise ValueError("--peers must be >= 2 (mutual learning needs at least two peers), got %d" % n)
+    if len(given) > 1 and len(given) != n:
+        raise ValueError("--model given %d times for %d peers: give it once (every peer) or once per peer"
+                         % (len(given), n))
+    return given * n if len(given) == 1 else (given or [cli.default_model(dataset, "student")] * n)
+
+
+def check_args(args):
+    cli.check_args(args)
+    if not args.temperature > 0:
+        raise ValueError("--temperature must be > 0, got %r" % args.temperature)
+    if not args.mutual_weight >= 0:
+        raise ValueError("--mutual-weight must be >= 0, got %r" % args.mutual_weight)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.sync_bn:
+        raise ValueError("mutual runs in one process (no DDP, so no --sync-bn); run it without torchrun")
+
+
+@torch.no_grad()
+def evaluate(peers, dataset, device, batch=512):
+    """Each peer's test accuracy and loss, and the accuracy of their ensemble (mean of probabilities)."""
+    for m in peers:
+        m.eval()
+    n = len(dataset.y_test)
+    correct, loss, ens = [0.0] * len(peers), [0.0] * len(peers), 0.0
+    for i in range(0, n, batch):
+        x = dataset.batch(dataset.x_test[i:i + batch].to(device))
+        y = dataset.y_test[i:i + batch].to(device)
+        probs = 0
+        for k, m in enumerate(peers):
+            z = m(x)
+            loss[k] += torch.nn.functional.cross_entropy(z, y, reduction="sum").item()
+            correct[k] += (z.argmax(1) == y).sum().item()
+            probs = probs + torch.softmax(z.float(), 1)
+        ens += (probs.argmax(1) == y).sum().item()
+    return [c / n for c in correct], [v / n for v in loss], ens / n
+
+
+def _mutual_terms(logits, args):
+    return KF.mutual_kd_loss(logits, temperature=args.temperature, average_peers=args.average_peers)
+
+
+def train_batch(peers, opts, x, y, args):
+    """One batch: returns (each peer's CE, each peer's mutual term, each peer's correct count)."""
+    lam, n = args.mutual_weight, len(peers)
+    if not args.sequential:
+        logits = [m(x) for m in peers]
+        ce = [torch.nn.functional.cross_entropy(z, y) for z in logits]
+        terms = _mutual_terms(logits, args)  # entry i's gradient reaches peer i only
+        loss = sum(ce) + lam * terms.sum()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        return [c.item() for c in ce], terms.detach().tolist(), [(z.argmax(1) == y).sum().item() for z in logits]
+    ces, mks, hits = [], [], []
+    # peer i against the others' current outputs (peers before it already updated); the others' forward passes
+    # run in train mode, as in the official code, so their BatchNorm statistics see the batch again
+    for i in range(n):
+        with torch.no_grad():
+            others = [m(x) if j != i else None for j, m in enumerate(peers)]
+        zi = peers[i](x)
+        logits = [zi if j == i else others[j] for j in range(n)]
+        ce = torch.nn.functional.cross_entropy(zi, y)
+        term = _mutual_terms(logits, args)[i]
+        opts[i].zero_grad(set_to_none=True)
+        (ce + lam * term).backward()
+        opts[i].step()
+        ces.append(ce.item())
+        mks.append(term.item())
+        hits.append((zi.argmax(1) == y).sum().item())
+    return ces, mks, hits
+
+
+def config_of(args, names):
+    cfg = {k: getattr(args, k, None) for k in COMPARED_ON_RESUME}
+    cfg["models"], cfg["peers"] = list(names), len(names)
+    return cfg
+
+
+def peer_checkpoint(args, dataset, name, model, epoch, history, k):
+    """Peer k alone, in the format of a `teacher` run (so `distill --teacher OUT/peer<k>` accepts it)."""
+    rows = [{"epoch": r["epoch"], "test_acc": r["peer_test_acc"][k], "test_loss": r["peer_test_loss"][k],
+             "train_acc": r["peer_train_acc"][k], "epoch_time": r["epoch_time"]} for r in history]
+    return {"format": 1, "kind": "teacher", "model": name, "dataset": dataset.name,
+            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape), "method": "mutual",
+            "config": {"trained_by": "mutual", "peer": k, "seed": args.seed}, "epoch": epoch,
+            "model_state": model.state_dict(), "history": rows}
+
+
+def train(args):
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    dataset = cli.load_dataset(args)
+    names = peer_models(args, dataset)
+    torch.manual_seed(args.seed)
+    peers = [models.build(name, dataset.num_classes, dataset.input_shape).to(device) for name in names]
+    opts = [cli.make_optimizer(args, list(m.parameters())) for m in peers]
+    scheds = [cli.make_scheduler(args, o) for o in opts]
+    cfg = config_of(args, names)
+
+    ckpt_file = os.path.join(args.out, runlog.CHECKPOINT)
+    history, start = [], 0
+    ck = cli.resumed_checkpoint(args, cfg, COMPARED_ON_RESUME)
+    if ck is not None:
+        for m, o, s, st in zip(peers, opts, scheds, ck["peers"]):
+            m.load_state_dict(st["model_state"])
+            o.load_state_dict(st["optimizer"])
+            s.load_state_dict(st["scheduler"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        history, start = list(ck["history"]), ck["epoch"]
+    os.makedirs(args.out, exist_ok=True)
+    runlog.write_metrics(args.out, history)
+    print("kdops mutual: %d peers (%s) on %s, T=%g, weight %g%s%s, %d epochs, device %s"
+          % (len(peers), ", ".join(names), dataset.name, args.temperature, args.mutual_weight,
+             ", averaged" if args.average_peers else "", ", sequential" if args.sequential else "", args.epochs,
+             device), flush=True)
+    n_train = len(dataset.y_train)
+    last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    for epoch in range(start, last):
+        t0 = time.perf_counter()
+        gen = cli._seed_epoch(args.seed, epoch, 0)
+        order = torch.randperm(n_train, generator=gen)
+        batches = [order[i:i + args.batch_size] for i in range(0, n_train, args.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm in train mode cannot take a batch of one
+            batches[-2:] = [torch.cat(batches[-2:])]
+        for m in peers:
+            m.train()
+        n = len(peers)
+        sums_ce, sums_mk, sums_hit, seen = [0.0] * n, [0.0] * n, [0.0] * n, 0
+        for idx in batches:
+            x = dataset.batch(dataset.x_train[idx].to(device), train=True, generator=gen)
+            y = dataset.y_train[idx].to(device)
+            ce, mk, hit = train_batch(peers, opts, x, y, args)
+            b = len(idx)
+            for k in range(n):
+                sums_ce[k] += ce[k] * b
+                sums_mk[k] += mk[k] * b
+                sums_hit[k] += hit[k]
+            seen += b
+        lr = opts[0].param_groups[0]["lr"]
+        for s in scheds:
+            s.step()
+        accs, losses, ens = evaluate(peers, dataset, device)
+        row = {"epoch": epoch + 1, "lr": lr, "peer_train_ce": [v / seen for v in sums_ce],
+               "peer_train_mutual": [v / seen for v in sums_mk], "peer_train_acc": [v / seen for v in sums_hit],
+               "peer_test_acc": accs, "peer_test_loss": losses, "train_acc": sum(sums_hit) / (n * seen),
+               "test_acc": sum(accs) / n, "ensemble_test_acc": ens, "epoch_time": time.perf_counter() - t0,
+               "samples": seen}
+        history.append(row)
+        for k, (name, m) in enumerate(zip(names, peers)):
+            os.makedirs(os.path.join(args.out, "peer%d" % k), exist_ok=True)
+            runlog.save_atomic(peer_checkpoint(args, dataset, name, m, epoch + 1, history, k),
+                               os.path.join(args.out, "peer%d" % k, runlog.CHECKPOINT))
+        runlog.save_atomic({
+            "format": 1, "kind": "mutual", "models": names, "dataset": dataset.name,
+            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape), "config": cfg,
+            "epoch": epoch + 1, "rng": {"torch": torch.get_rng_state()}, "history": history,
+            "peers": [{"model_state": m.state_dict(), "optimizer": o.state_dict(), "scheduler": s.state_dict()}
+                      for m, o, s in zip(peers, opts, scheds)],
+        }, ckpt_file)
+        runlog.write_metrics(args.out, history)
+        print("epoch %d/%d  peers' test acc %s  ensemble %.4f  %.2fs"
+              % (epoch + 1, args.epochs, " ".join("%.4f" % a for a in accs), ens, row["epoch_time"]), flush=True)
+    summary = None
+    if len(history) == args.epochs:
+        final = history[-1]
+        summary = {"command": "mutual", "dataset": dataset.name, "models": names, "peers": len(names),
+                   "temperature": args.temperature, "mutual_weight": args.mutual_weight,
+                   "average_peers": args.average_peers, "sequential": args.sequential, "epochs": args.epochs,
+                   "seed": args.seed, "device": str(device),
+                   "evaluated_on": "validation" if args.val_split else "test",
+                   "peer_final_test_acc": final["peer_test_acc"], "final_test_acc": final["test_acc"],
+                   "ensemble_final_test_acc": final["ensemble_test_acc"],
+                   "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
+        runlog.write_summary(args.out, summary)
+        runlog.plot_curves(args.out, history, "DML: %d peers on %s (mean over peers)" % (len(names), dataset.name))
+    return summary
+
+
+def main(argv=None):
+    return cli.run_command(train, build_parser().parse_args(argv))
