@@ -63,16 +63,18 @@ def _mutual_kd_setup_context(ctx, inputs, output):
     ctx.temperature, ctx.scale = temperature, inputs[2] if len(inputs) > 2 else 1.0
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.rest = len(inputs) - 1  # the non-tensor inputs after the list
 
 
 def _mutual_kd_backward(ctx, grad_values, _grad_stats):
     """Each peer's value differentiated for its own logits only (the other peers held fixed)."""
     stats, *logits = ctx.saved_tensors
+    # one entry per input of the call as the dispatcher passed it: it drops trailing arguments equal to their
+    # defaults (scale=1.0), which setup_context sees filled in again
+    rest = (None,) * (len(ctx.needs_input_grad) - 1)
     if grad_values is None:
-        return ([None] * len(logits),) + (None,) * ctx.rest
+        return ([None] * len(logits),) + rest
     grads = torch.ops.kdops.mutual_kd_backward(grad_values, logits, stats, ctx.temperature, ctx.scale)
-    return (list(grads),) + (None,) * ctx.rest
+    return (list(grads),) + rest
 
 
 torch.library.register_autograd("kdops::mutual_kd", _mutual_kd_backward, setup_context=_mutual_kd_setup_context)
