@@ -35,7 +35,7 @@ def _plan_pass(x, y, loga, logb, f, eps, p, tile):
     cost_total = x.new_zeros(B)
     gx, gy = torch.zeros_like(x), torch.empty_like(y)
     rows = (loga + f / eps).unsqueeze(-1)
-    xh = 0.5 * (x * x).sum(-1).unsqueeze(-1)
+    xh = 0.5 * (x * x).sum(-1).unsqueeze(-1) if p == 2 else None
     xn = None if p == 2 else x.norm(dim=-1).unsqueeze(-1)
     for c0 in range(0, y.shape[1], tile):
         yt = y[:, c0:c0 + tile]
