@@ -506,6 +506,11 @@ BAD = [
     (lambda: F.joint_wasserstein(X, Y, X[:, :3], Y[:5, :3]), ValueError, "one row per point"),
     (lambda: F.joint_wasserstein(X, Y, X[:, :3], Y[:, :3], beta=-1.0), ValueError, "beta"),
     (lambda: knn.MMDLoss("cosine"), ValueError, "kernel must be one of"),
+    # non-finite features: a clear refusal, not the solver's unrelated message
+    (lambda: F.wasserstein_exact(X.index_fill(0, torch.tensor([2]), float("nan")), X), ValueError,
+     "emd_permutation: the cost matrix has NaN or inf entries"),
+    (lambda: F.wasserstein_exact(X.index_fill(0, torch.tensor([2]), float("inf")), Y), ValueError,
+     "emd_plan: the cost matrix has NaN or inf entries"),
 ]
 
 

@@ -127,6 +127,20 @@ def test_projector_logsum_module(norm, projector):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["bn", "l2"])
+def test_identity_projector_compares_the_features_themselves(norm):
+    module = knn.ProjectorLogSumLoss(32, 32, alpha=4.0, norm=norm, projector="identity")
+    assert not list(module.parameters())
+    z_s, z_t = torch.randn(16, 32, requires_grad=True), torch.randn(16, 32)
+    n = (lambda x: torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-4)) if norm == "bn" \
+        else (lambda x: torch.nn.functional.normalize(x, dim=1))
+    expected = module.weight * R.logsum_loss(n(z_s) - n(z_t), alpha=4.0)
+    loss = module(z_s, z_t)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(loss, z_s)[0], torch.autograd.grad(expected, z_s)[0],
+                               rtol=1e-4, atol=1e-6)
+
+
 BAD = [
     (lambda a, b: F.logsum_loss((a, b), alpha=-1.0), "alpha"),
     (lambda a, b: F.logsum_loss((a, b), alpha=0.0), "alpha"),
@@ -138,6 +152,8 @@ BAD = [
     (lambda a, b: knn.ProjectorLogSumLoss(4, 4)(a[:1, :4], b[:1, :4]), "at least 2"),
     (lambda a, b: knn.ProjectorLogSumLoss(4, 4, norm="layer"), "norm must be one of"),
     (lambda a, b: knn.ProjectorLogSumLoss(4, 4)(a[:, :4], b[:, :5]), "teacher_dim"),
+    (lambda a, b: knn.ProjectorLogSumLoss(4, 6, projector="identity"), "needs student_dim == teacher_dim"),
+    (lambda a, b: knn.ProjectorLogSumLoss(4, 4, projector="conv"), "'linear', 'mlp' or 'identity'"),
 ]
 
 

@@ -102,6 +102,82 @@ def test_terms_match_the_reference_losses(teacher):
         torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _pair_of_models(teacher, student="cnn-s"):
+    ck = load_checkpoint(teacher)
+    t = models.build(ck["model"], 10, (1, 8, 8))
+    t.load_state_dict(ck["model_state"])
+    torch.manual_seed(0)
+    return models.build(student, 10, (1, 8, 8)), t.eval()
+
+
+def test_ofd_ablation_switches_follow_their_definitions(teacher):
+    s, t = _pair_of_models(teacher)
+    x, y = data.load("digits").x_train[:16], data.load("digits").y_train[:16]
+    so, to = s(x, features=True), t(x, features=True)
+    ofd = methods.get("ofd")
+    bns = t.bn_before_relu()
+    for position, distance, margin in [("pre", "partial_l2", "bn"), ("post", "partial_l2", "bn"),
+                                       ("pre", "l2", "bn"), ("pre", "partial_l2", "zero"), ("post", "l2", "zero")]:
+        hp = ofd.hparams({"position": position, "distance": distance, "margin": margin})
+        term = methods.build_distiller(ofd, hp, s, [t], x[:2]).terms[0]
+        fs, ft = (so.preact, to.preact) if position == "pre" else (so.stages, to.stages)
+        expect = 0.0
+        for k, (a, b) in enumerate(zip(fs, ft)):  # equal stage counts: stage k with stage k
+            m = nn_margins(bns[k]) if margin == "bn" else torch.zeros(b.shape[1])
+            mapped = term.loss.connectors[k](a.unsqueeze(-1) if a.dim() < 4 else a)
+            target = torch.max(b, m.view(1, -1, 1, 1))
+            sq = (mapped - target) ** 2
+            if distance == "partial_l2":
+                sq = sq * ((mapped > target) | (target > 0)).to(sq.dtype)
+            expect = expect + 2.0 ** -(len(fs) - k - 1) * sq.sum()
+        expect = expect / x.shape[0] / 1000
+        got = term(so, to, y, 1)
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-7, msg=str((position, distance, margin)))
+        term.use_reference(True)
+        torch.testing.assert_close(term(so, to, y, 1), expect, rtol=1e-4, atol=1e-7)
+    with pytest.raises(methods.MethodError, match="ofd: distance must be one of partial_l2, l2, got 'l1'"):
+        methods.build_distiller(ofd, ofd.hparams({"distance": "l1"}), s, [t], x[:2])
+
+
+def nn_margins(bn):
+    from kdops.nn import margins_from_batchnorm
+
+    return margins_from_batchnorm(bn)
+
+
+def test_kd2m_class_and_joint_terms_pass_labels_and_logits(teacher):
+    from kdops import functional as F
+
+    s, t = _pair_of_models(teacher)
+    d = data.load("digits")
+    x, y = d.x_train[:32], d.y_train[:32]
+    so, to = s(x, features=True), t(x, features=True)
+    for name in ("class_w", "joint_w"):
+        m = methods.get(name)
+        term = methods.build_distiller(m, m.hparams({}), s, [t], x[:2]).terms[0]
+        z = term.projector(so.pooled)  # the student is 32 wide, the teacher 64
+        expect = (F.class_conditional_wasserstein(z, to.pooled, y) if name == "class_w"
+                  else F.joint_wasserstein(z, to.pooled, so.logits, to.logits))
+        torch.testing.assert_close(term(so, to, y, 1), expect)
+    # class-conditional: the sum over classes of the exact W2 within each class
+    m = methods.get("class_w")
+    term = methods.build_distiller(m, m.hparams({}), s, [t], x[:2]).terms[0]
+    z = term.projector(so.pooled)
+    by_class = sum(F.wasserstein_exact(z[y == c], to.pooled[y == c]) for c in torch.unique(y).tolist())
+    torch.testing.assert_close(term(so, to, y, 1), by_class)
+
+
+def test_logsum_without_a_projector_needs_equal_widths(teacher):
+    s, t = _pair_of_models(teacher, "cnn-w")  # cnn-w ends 256 wide, the cnn-m teacher 64
+    x = data.load("digits").x_train[:8]
+    m = methods.get("logsum")
+    with pytest.raises(ValueError, match="projector='identity' needs student_dim == teacher_dim, got 256 and 64"):
+        methods.build_distiller(m, m.hparams({"projector": "identity"}), s, [t], x[:2])
+    s, _ = _pair_of_models(teacher, "cnn-m")
+    dist = methods.build_distiller(m, m.hparams({"projector": "identity"}), s, [t], x[:2])
+    assert not list(dist.parameters())
+
+
 def test_ensemble_averages_one_term_per_teacher(teacher, tmp_path):
     out = str(tmp_path / "ens")
     run("distill", "--method", "logsum", "--teacher", teacher, "--teacher", teacher, "--model", "cnn-s",

@@ -59,7 +59,8 @@ def test_pooled_features_feed_the_classifier():
 
 
 @pytest.mark.parametrize("name, shape", [("mlp-s", (64,)), ("mlp-l", (1, 8, 8)), ("cnn-s", (1, 8, 8)),
-                                         ("cnn-l", (3, 16, 16)), ("cnn1d-s", (1, 40)), ("cnn1d-m", (1, 40))])
+                                         ("cnn-l", (3, 16, 16)), ("cnn1d-s", (1, 40)), ("cnn1d-m", (1, 40)),
+                                         ("cnn1d-w", (1, 40)), ("mlp-w", (64,))])
 def test_small_model_features(name, shape):
     model = models.build(name, 7, shape)
     out = check_outputs(model, torch.randn(3, *shape), 7)
@@ -78,6 +79,15 @@ def test_sizes_share_stages_and_differ_in_width():
     so, lo = s.eval()(x, features=True), l.eval()(x, features=True)
     assert [t.shape[2:] for t in so.stages] == [t.shape[2:] for t in lo.stages]
     assert sum(p.numel() for p in l.parameters()) > 20 * sum(p.numel() for p in s.parameters())
+
+
+def test_size_w_is_s_with_the_last_width_of_l():
+    for family, shape in (("cnn1d", (1, 40)), ("cnn", (1, 8, 8)), ("mlp", (64,))):
+        s, w, l = (models.build("%s-%s" % (family, k), 10, shape).eval() for k in "swl")
+        x = torch.randn(2, *shape)
+        so, wo, lo = (m(x, features=True) for m in (s, w, l))
+        assert [a.shape[1] for a in wo.stages] == [a.shape[1] for a in so.stages[:-1]] + [lo.stages[-1].shape[1]]
+        assert wo.pooled.shape == lo.pooled.shape
 
 
 def test_bad_model_requests():

@@ -60,6 +60,16 @@ torch.library.register_autograd("kdops::mmd", _mmd_backward, setup_context=_mmd_
 
 # ---- exact OT (POT on the host) ----
 
+def _finite_cost(op, cost):
+    """The cost as a float64 host array; NaN / inf entries (non-finite features) are refused with a clear error
+    rather than handed to the network simplex, whose failure on them reads as an unrelated solver message."""
+    c = cost.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(c).all():
+        raise ValueError("kdops::%s: the cost matrix has NaN or inf entries: the features it compares are not "
+                         "finite" % op)
+    return c
+
+
 def _uniform(k):
     return np.full(k, 1.0 / k)
 
@@ -67,7 +77,7 @@ def _uniform(k):
 @torch.library.custom_op("kdops::emd_plan", mutates_args=())
 def emd_plan(cost: Tensor) -> Tensor:
     """Exact OT plan (n, m) between uniform marginals for the cost matrix (n, m), by ot.emd in float64."""
-    c = cost.detach().to("cpu", torch.float64).numpy()
+    c = _finite_cost("emd_plan", cost)
     plan = import_pot().emd(_uniform(c.shape[0]), _uniform(c.shape[1]), c)
     return torch.from_numpy(np.ascontiguousarray(plan)).to(device=cost.device, dtype=cost.dtype)
 
@@ -81,7 +91,7 @@ def _emd_plan_fake(cost):
 def emd_permutation(cost: Tensor) -> Tensor:
     """For a square cost (n, n) and uniform marginals the exact plan is a permutation matrix / n (a vertex
     of the Birkhoff polytope, which the network simplex returns): the permutation sigma, int64 (n,)."""
-    c = cost.detach().to("cpu", torch.float64).numpy()
+    c = _finite_cost("emd_permutation", cost)
     n = c.shape[0]
     plan = import_pot().emd(_uniform(n), _uniform(n), c)
     perm = plan.argmax(1)

@@ -206,7 +206,8 @@ def _pair(size):
 class ProjectorLogSumLoss(nn.Module):
     """Projector + normalisation + LogSum (Miles & Mikolajczyk): weight * log sum |norm(P z_s) - norm(z_t)|^alpha.
 
-    projector: ``"linear"`` (d_s -> d_t with bias) or ``"mlp"`` (Linear-BN-ReLU-Linear through ``hidden``).
+    projector: ``"linear"`` (d_s -> d_t with bias), ``"mlp"`` (Linear-BN-ReLU-Linear through ``hidden``) or
+    ``"identity"`` (no projector: the paper's "no projector" ablation; needs d_s == d_t).
     norm: ``"bn"`` (BatchNorm1d without affine, eps 1e-4, batch statistics in train and eval alike, as the
     recipe; needs b >= 2), ``"l2"`` (unit rows), ``"group"`` (group norm without affine, ``groups`` groups),
     ``"none"``. The paper's ablation compares these and alpha in {1, 1.5, ..., 5}.
@@ -229,8 +230,14 @@ class ProjectorLogSumLoss(nn.Module):
         elif projector == "mlp":
             self.projector = nn.Sequential(nn.Linear(student_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                                            nn.Linear(hidden, teacher_dim))
+        elif projector == "identity":
+            if student_dim != teacher_dim:
+                raise ValueError("ProjectorLogSumLoss: projector='identity' needs student_dim == teacher_dim, got %d "
+                                 "and %d" % (student_dim, teacher_dim))
+            self.projector = nn.Identity()
         else:
-            raise ValueError("ProjectorLogSumLoss: projector must be 'linear' or 'mlp', got %r" % (projector,))
+            raise ValueError("ProjectorLogSumLoss: projector must be 'linear', 'mlp' or 'identity', got %r"
+                             % (projector,))
         self.alpha, self.weight, self.norm, self.eps, self.groups = alpha, weight, norm, eps, groups
         self.teacher_dim = teacher_dim
 

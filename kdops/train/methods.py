@@ -150,28 +150,52 @@ def _stage_index(ctx, key):
 
 
 class OFDTerm(Term):
-    """Overhaul of feature distillation on every pre-ReLU stage (stages paired from the last backwards)."""
+    """Overhaul of feature distillation on every stage (stages paired from the last backwards), with the
+    paper's ablation switches as hyper-parameters:
+
+    - ``position``: ``"pre"`` (the paper's, the pre-ReLU stage outputs) or ``"post"`` (after the ReLU);
+    - ``distance``: ``"partial_l2"`` (the paper's, positions where s <= t^ <= 0 skipped) or ``"l2"`` (every
+      position), both summed over the map;
+    - ``margin``: ``"bn"`` (the paper's, t^ = max(t, m_c) with m_c from the teacher's BatchNorm) or ``"zero"``
+      (t^ = max(t, 0), the plain ReLU as the teacher transform).
+    """
+
+    OPTIONS = {"position": ("pre", "post"), "distance": ("partial_l2", "l2"), "margin": ("bn", "zero")}
 
     def __init__(self, ctx):
         super().__init__()
-        s, t = ctx.student_out.preact, ctx.teacher_out.preact
+        for key, allowed in self.OPTIONS.items():
+            if ctx.hp[key] not in allowed:
+                raise MethodError("ofd: %s must be one of %s, got %r" % (key, ", ".join(allowed), ctx.hp[key]))
+        self.output = "preact" if ctx.hp["position"] == "pre" else "stages"
+        self.distance = ctx.hp["distance"]
+        s, t = getattr(ctx.student_out, self.output), getattr(ctx.teacher_out, self.output)
         n = min(len(s), len(t))
         self.s_idx, self.t_idx = list(range(len(s) - n, len(s))), list(range(len(t) - n, len(t)))
         for i, j in zip(self.s_idx, self.t_idx):
             if _as_map(s[i]).shape[2:] != _as_map(t[j]).shape[2:]:
                 raise MethodError("ofd: student stage %d has spatial size %s, teacher stage %d has %s; OFD needs equal "
                                   "sizes" % (i, tuple(s[i].shape[2:]), j, tuple(t[j].shape[2:])))
-        bns = ctx.teacher.bn_before_relu()
-        margins = [margins_from_batchnorm(bns[j]) for j in self.t_idx]
+        if ctx.hp["margin"] == "bn":
+            bns = ctx.teacher.bn_before_relu()
+            margins = [margins_from_batchnorm(bns[j]) for j in self.t_idx]
+        else:
+            margins = [torch.zeros(t[j].shape[1]) for j in self.t_idx]
         self.loss = OFDLoss([s[i].shape[1] for i in self.s_idx], [t[j].shape[1] for j in self.t_idx], margins)
 
     def forward(self, s, t, y, epoch):
         ofd = self.loss
+        fs, ft = getattr(s, self.output), getattr(t, self.output)
         total = 0.0
         for k, (i, j) in enumerate(zip(self.s_idx, self.t_idx)):
-            mapped = ofd.connectors[k](_as_map(s.preact[i]))
+            mapped = ofd.connectors[k](_as_map(fs[i]))
             margin = getattr(ofd, "margin_%d" % k)
-            total = total + ofd.stage_weights[k] * self.lib.partial_l2_loss(mapped, _as_map(t.preact[j]), margin)
+            target = _as_map(ft[j])
+            if self.distance == "partial_l2":
+                d = self.lib.partial_l2_loss(mapped, target, margin)
+            else:
+                d = self.lib.hint_loss(mapped, self.lib.margin_relu(target, margin)) * mapped.numel()
+            total = total + ofd.stage_weights[k] * d
         return total / s.logits.shape[0] * ofd.scale
 
 
@@ -256,11 +280,13 @@ class PairTerm(Term):
     On ``pooled`` features, with ``project``, a linear projector maps the student's width to the teacher's when
     they differ. On ``stages`` or ``preact``, stages are paired from the last backwards and the losses summed
     (as attention transfer does). For a ``joint_teachers`` method the teacher features are a list, one entry
-    per teacher."""
+    per teacher. ``with_labels``: the loss also takes the batch's labels, fn(fs, ft, labels); ``with_logits``: it
+    also takes both models' logits, fn(fs, ft, student_logits, teacher_logits)."""
 
-    def __init__(self, ctx, fn, output, arg_names=(), project=False):
+    def __init__(self, ctx, fn, output, arg_names=(), project=False, with_labels=False, with_logits=False):
         super().__init__()
         self.fn, self.output, self.kw = fn, output, _kwargs(ctx.hp, arg_names)
+        self.with_labels, self.with_logits = with_labels, with_logits
         if ctx.gather_distributed:
             self.kw["gather_distributed"] = True
         joint = isinstance(ctx.teacher_out, list)
@@ -283,11 +309,14 @@ class PairTerm(Term):
         ft = [getattr(x, self.output) for x in t] if isinstance(t, list) else getattr(t, self.output)
         if self.projector is not None:
             fs = self.projector(fs)
-        return fn(fs, ft, **self.kw)
+        extra = (y,) if self.with_labels else ()
+        if self.with_logits:
+            extra += (s.logits, t.logits)
+        return fn(fs, ft, *extra, **self.kw)
 
 
-def pair_term(fn, output="pooled", arg_names=(), project=False):
-    return lambda ctx: PairTerm(ctx, fn, output, arg_names, project)
+def pair_term(fn, output="pooled", arg_names=(), project=False, **kw):
+    return lambda ctx: PairTerm(ctx, fn, output, arg_names, project, **kw)
 
 
 _KD_DEFAULTS = {"ce_weight": 0.1, "loss_weight": 0.9, "temperature": 4.0}
@@ -302,8 +331,10 @@ register(Method("jsd", needs=("logits",), build=logit_term("jsd_loss", ("tempera
 register(Method("dkd", needs=("logits",), build=logit_term("dkd_loss", ("alpha", "beta", "temperature"), target=True),
                 defaults={"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 0}, logits=True,
                 summary="decoupled KD, alpha TCKD + beta NCKD (mdistiller ramps it over warmup=20 of 240 epochs)"))
-register(Method("ofd", needs=("preact",), build=OFDTerm, trainable=True,
-                summary="Overhaul: connectors + partial L2 on pre-ReLU stages, margins from the teacher's BN"))
+register(Method("ofd", needs=("preact", "stages"), build=OFDTerm, trainable=True,
+                defaults={"position": "pre", "distance": "partial_l2", "margin": "bn"},
+                summary="Overhaul: connectors + partial L2 on pre-ReLU stages, margins from the teacher's BN "
+                        "(position=pre|post, distance=partial_l2|l2, margin=bn|zero)"))
 register(Method("fitnet", needs=("stages",), build=HintTerm, trainable=True, defaults={"loss_weight": 100.0, "stage": 1},
                 summary="FitNet hint: regressor + MSE on one stage (stage=index)"))
 register(Method("logsum", needs=("pooled",), build=LogSumTerm, trainable=True,
@@ -322,6 +353,15 @@ register(Method("mmd", needs=("pooled",), build=pair_term("mmd", arg_names=("ker
                 trainable=True, defaults={"kernel": "rbf"}, summary="MMD^2 between the feature clouds (rbf|linear|poly)"))
 register(Method("sinkhorn", needs=("pooled",), build=pair_term("sinkhorn", arg_names=("eps",), project=True),
                 trainable=True, defaults={"eps": 0.1}, summary="entropic OT (Sinkhorn) between the feature clouds"))
+register(Method("class_w", needs=("pooled",),
+                build=pair_term("class_conditional_wasserstein", arg_names=("metric",), project=True, with_labels=True),
+                trainable=True, defaults={"metric": "exact", "loss_weight": 0.1},
+                summary="class-conditional W: sum over the batch's classes of W(student, teacher) within each class "
+                        "(metric=exact|gaussian; weight 0.1, the sum running over about 10 classes)"))
+register(Method("joint_w", needs=("pooled", "logits"),
+                build=pair_term("joint_wasserstein", arg_names=("beta",), project=True, with_logits=True),
+                trainable=True, logits=True, defaults={"beta": 1.0},
+                summary="joint W: exact OT on normalised feature cost + beta |softmax_s - softmax_t|^2"))
 
 # Relational losses: batch relations on penultimate features (over the global batch under DDP), feature-map
 # relations on stage outputs (paired from the last stage backwards). Weights are the CRD benchmark's where it has

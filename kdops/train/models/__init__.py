@@ -27,7 +27,7 @@ _CIFAR = {
     "mobilenetv2": lambda k, c: cifar.MobileNetV2(k, c, width=0.5),
 }
 
-SMALL = tuple("%s-%s" % (f, s) for f in ("mlp", "cnn", "cnn1d") for s in ("s", "m", "l"))
+SMALL = tuple("%s-%s" % (f, s) for f in ("mlp", "cnn", "cnn1d") for s in ("s", "m", "l", "w"))
 MODELS = SMALL + tuple(_CIFAR)
 
 

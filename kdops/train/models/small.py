@@ -1,7 +1,9 @@
 """Small models for the bundled data: MLP (any input, flattened), 2-D CNN (images), 1-D CNN (signals).
 
 Sizes ``s`` / ``m`` / ``l`` differ in width only (8x between ``s`` and ``l``), so a student and a teacher
-of one family have the same stages and spatial sizes.
+of one family have the same stages and spatial sizes. Size ``w`` is ``s`` with the last stage as wide as
+``l``'s: a small student whose penultimate features have the ``l`` teacher's width, for comparisons that need
+equal widths (a loss without a projector).
 """
 
 import math
@@ -12,9 +14,9 @@ from torch import nn
 from kdops.train.models.base import KDModel, Outputs
 
 WIDTHS = {
-    "mlp": {"s": (32, 32), "m": (128, 128), "l": (512, 512)},
-    "cnn": {"s": (8, 16, 32), "m": (16, 32, 64), "l": (64, 128, 256)},
-    "cnn1d": {"s": (8, 16, 32), "m": (16, 32, 64), "l": (64, 128, 256)},
+    "mlp": {"s": (32, 32), "m": (128, 128), "l": (512, 512), "w": (32, 512)},
+    "cnn": {"s": (8, 16, 32), "m": (16, 32, 64), "l": (64, 128, 256), "w": (8, 16, 256)},
+    "cnn1d": {"s": (8, 16, 32), "m": (16, 32, 64), "l": (64, 128, 256), "w": (8, 16, 256)},
 }
 
 
