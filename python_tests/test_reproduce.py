@@ -65,12 +65,13 @@ def test_registry_covers_the_issue_and_is_consistent():
         assert len(names) == len(set(names)), name
         for arm in c["arms"]:
             scheme = arm.get("scheme")  # a scheme without a teacher (kdops mutual), or a distill method
-            assert scheme in (None, "mutual"), (name, arm)
+            assert scheme in (None, "mutual", "born-again"), (name, arm)
             assert scheme or arm["method"] in methods.METHODS, (name, arm)
             assert all(t in claims.TEACHERS for t in arm.get("teachers", ())), (name, arm)
             assert (arm["method"] == "none" or scheme is not None) == (not arm.get("teachers")), (name, arm)
             assert len(reproduce.candidates(arm)) == (1 if arm["method"] == "none" else len(reproduce.GRID))
-        fake = {a: {"acc": [0.5, 0.6], "single_view": [0.4, 0.5], "multi_view": [0.6, 0.7]} for a in names}
+        fake = {a: {"acc": [0.5, 0.6], "single_view": [0.4, 0.5], "multi_view": [0.6, 0.7], "gen0": [0.5, 0.5],
+                    "gen1": [0.5, 0.5], "gen2": [0.5, 0.5], "ensemble": [0.5, 0.5]} for a in names}
         for comp in c["comparisons"]:
             compare(fake, comp)  # every comparison names arms of its claim
         for key in ("source", "statement", "paper", "full_scale", "dataset", "student"):
@@ -144,3 +145,32 @@ def test_reproduce_command_line(capsys):
     assert cli.main(["reproduce", "no-such-claim"]) == 2
     assert cli.main(["reproduce", "kd-small-data", "--seeds", "1", "1"]) == 2
     assert cli.main(["reproduce", "kd-small-data", "--seeds", str(reproduce.TUNING_SEED)]) == 2
+    assert cli.main(["reproduce", "--report", "runs", "--rerun", "no/such/dir"]) == 2
+
+
+def _fake_summary(claim, seeds, diffs, accs):
+    """A summary with one comparison per `diffs` entry (per-seed values) and one arm per `accs` entry."""
+    comps = []
+    for name, per_seed in diffs.items():
+        st = interval(per_seed)
+        comps.append({"comparison": name, "per_seed": per_seed, "diff_mean": st["mean"], "lo": st["lo"],
+                      "hi": st["hi"], "n": st["n"], "verdict": verdict(st["lo"], st["hi"])})
+    arms = {a: {"metrics": {"acc": dict(per_seed=v, **interval(v))}} for a, v in accs.items()}
+    return {"claim": claim, "quick": False, "seeds": seeds, "comparisons": comps, "arms": arms}
+
+
+def test_rerun_section_counts_means_inside_the_first_intervals():
+    from kdops.train.reproduce_docs import rerun_section
+
+    first = {"c": _fake_summary("c", [0, 1, 2], {"a > b": [0.01, 0.02, 0.03], "a > z": [-0.01, 0.0, 0.01]},
+                                {"a": [0.90, 0.91, 0.92], "b": [0.80, 0.81, 0.82]})}
+    # a > b: first 0.02 in [-0.0048, +0.0448]; the rerun's mean 0.05 lies outside it. a > z: 0.0 inside.
+    second = {"c": _fake_summary("c", [5, 6, 7], {"a > b": [0.04, 0.05, 0.06], "a > z": [0.0, 0.0, 0.0]},
+                                 {"a": [0.91, 0.91, 0.91], "b": [0.70, 0.70, 0.70]})}
+    text = "\n".join(rerun_section(first, second))
+    assert "Inside: 1 of 2 comparisons; 1 of 2 arms' mean test accuracies. Same verdict: 1 of 2" in text
+    assert "| c | `a > b` | +0.0200 [-0.0048, +0.0448] | +0.0500 [+0.0252, +0.0748] | **no** | " \
+           "inconclusive -> agree |" in text
+    assert "| c | `a > z` |" in text and "| yes | inconclusive -> inconclusive |" in text
+    assert "seeds 5 6 7" in text
+    assert rerun_section(first, {}) == []  # no claim run twice: no section

@@ -77,18 +77,27 @@ def build_parser():
                    add_help=False)
     sub.add_parser("mutual", help="train N peers together from scratch, Deep Mutual Learning (see: kdops mutual "
                                   "--help)", add_help=False)
+    sub.add_parser("born-again", help="Born-Again Networks: generations of one architecture, each distilled from "
+                                      "the last (see: kdops born-again --help)", add_help=False)
     for q in (teacher, distill):
         add_common_args(q)
-    distill.add_argument("--method", required=True, help="one of: %s" % ", ".join(sorted(methods.METHODS)))
     distill.add_argument("--teacher", action="append", default=[], help="teacher checkpoint or run dir; repeat for an "
                                                                        "ensemble (the terms are averaged)")
     distill.add_argument("--teacher-dataset", help="the teacher's training dataset when it differs from --dataset "
                                                    "(feature methods only: logits need one label space)")
-    for flag in ("alpha", "beta", "temperature", "loss-weight", "ce-weight"):
-        distill.add_argument("--" + flag, type=float, help="method hyper-parameter %s" % flag.replace("-", "_"))
-    distill.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-                         help="any other method hyper-parameter (python literal or string), repeatable")
+    add_method_args(distill)
     return p
+
+
+def add_method_args(q, default=None):
+    """--method and its hyper-parameter flags (distill, born-again)."""
+    q.add_argument("--method", required=default is None, default=default,
+                   help="one of: %s%s" % (", ".join(sorted(methods.METHODS)),
+                                          "" if default is None else " (default %s)" % default))
+    for flag in ("alpha", "beta", "temperature", "loss-weight", "ce-weight"):
+        q.add_argument("--" + flag, type=float, help="method hyper-parameter %s" % flag.replace("-", "_"))
+    q.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method hyper-parameter (python literal or string), repeatable")
 
 
 def parse_method_args(args):
@@ -393,6 +402,10 @@ def main(argv=None):
         from kdops.train import mutual
 
         return mutual.main(argv[1:])
+    if argv[:1] == ["born-again"]:  # a driver of teacher / distill runs
+        from kdops.train import born_again
+
+        return born_again.main(argv[1:])
     return run_command(train, build_parser().parse_args(argv))
 
 

@@ -2,7 +2,7 @@
 
     python -m kdops.train reproduce --list
     python -m kdops.train reproduce kd-small-data [--seeds 0 1 2 3 4] [--out DIR] [--cache DIR] [--jobs 2] [--quick]
-    python -m kdops.train reproduce --report runs/reproduce --docs docs/reproductions.md
+    python -m kdops.train reproduce --report runs/reproduce --docs docs/reproductions.md [--rerun runs/reproduce-b]
 
 A claim (:data:`CLAIMS`, the texts in :mod:`kdops.train.claims`) is a set of arms (a method, a student, a
 training-set size, its teachers) and comparisons ``"a > b"`` between them. The command trains the teachers
@@ -198,6 +198,12 @@ def arm_job(cache, claim, arm, seed, hp, cfg, tuning):
         argv = ["mutual", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--peers", arm.get("peers", 2), "--epochs", cfg["epochs"], "--train-subset", subset, "--seed", seed,
                 "--threads", 1, "--no-progress", "--mutual-weight", hp["loss_weight"]]
+    elif arm.get("scheme") == "born-again":  # generation 0 on labels, then G generations each from the last
+        argv = ["born-again", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
+                "--generations", arm.get("generations", 2), "--method", arm["method"], "--epochs", cfg["epochs"],
+                "--train-subset", subset, "--seed", seed, "--threads", 1, "--no-progress"]
+        for key, value in sorted(hp.items()):
+            argv += ["--method-arg", "%s=%r" % (key, value)]
     else:
         argv = ["distill", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--method", arm["method"], "--epochs", cfg["epochs"], "--train-subset", subset, "--seed", seed,
@@ -378,6 +384,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, one epoch, no verdict")
     p.add_argument("--report", metavar="DIR", help="write the docs page from DIR/*/summary.json instead")
     p.add_argument("--docs", default=os.path.join("docs", "reproductions.md"), help="with --report: the page")
+    p.add_argument("--rerun", metavar="DIR", help="with --report: the same claims run on other seeds "
+                                                  "(DIR/*/summary.json), compared with the first run's intervals")
     return p
 
 
@@ -390,7 +398,10 @@ def main(argv=None):
     if args.report:
         from kdops.train import reproduce_docs
 
-        reproduce_docs.write(args.report, args.docs)
+        if args.rerun and not os.path.isdir(args.rerun):
+            print("kdops reproduce: error: --rerun %s is not a directory" % args.rerun, file=sys.stderr)
+            return 2
+        reproduce_docs.write(args.report, args.docs, args.rerun)
         print("wrote %s" % args.docs)
         return 0
     if args.name not in CLAIMS:

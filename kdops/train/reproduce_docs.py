@@ -19,6 +19,7 @@ python -m kdops.train reproduce --list           # the claims
 python -m kdops.train reproduce fkd-ensemble --seeds 5 6 7 8 9 --out runs/fkd-ensemble-b   # one claim, other seeds
 python -m kdops.train reproduce kd-small-data --quick                  # smoke run: 1 seed, 1 epoch, no verdict
 python -m kdops.train reproduce --report runs/reproduce --docs docs/reproductions.md       # this page again
+make reproduce-rerun                             # every claim again on seeds 5-9, and the rerun section below
 ```"""
 
 
@@ -164,7 +165,49 @@ def claim_section(s, plot_rel, gain_rel=None):
     return out
 
 
-def write(summary_dir, docs):
+def _inside(x, lo, hi):
+    return lo is not None and hi is not None and lo <= x <= hi
+
+
+def rerun_section(first, second):
+    """The rerun check: each claim run again on other seeds (same teachers' recipe, same hyper-parameters, which
+    the tuning seed fixes). Per comparison and per arm, whether the rerun's mean lies inside the first run's
+    95 % interval, and both verdicts. `first`, `second`: claim name -> summary."""
+    both = [n for n in first if n in second and not first[n]["quick"] and not second[n]["quick"]]
+    if not both:
+        return []
+    rows, n_in, n_tot, a_in, a_tot, same = [], 0, 0, 0, 0, 0
+    for name in both:
+        f, r = first[name], second[name]
+        rc = {c["comparison"]: c for c in r["comparisons"]}
+        for c in f["comparisons"]:
+            d = rc.get(c["comparison"])
+            if d is None:
+                continue
+            ok = _inside(d["diff_mean"], c["lo"], c["hi"])
+            n_in, n_tot, same = n_in + ok, n_tot + 1, same + (c["verdict"] == d["verdict"])
+            rows.append("| %s | `%s` | %+.4f %s | %+.4f %s | %s | %s -> %s |" % (
+                name, c["comparison"], c["diff_mean"], _ci(c["lo"], c["hi"], "%+.4f"), d["diff_mean"],
+                _ci(d["lo"], d["hi"], "%+.4f"), "yes" if ok else "**no**", c["verdict"], d["verdict"]))
+        for arm, a in f["arms"].items():
+            b = r["arms"].get(arm)
+            if b is not None:
+                m, k = a["metrics"]["acc"], b["metrics"]["acc"]
+                a_in, a_tot = a_in + _inside(k["mean"], m["lo"], m["hi"]), a_tot + 1
+    seeds = sorted({tuple(second[n]["seeds"]) for n in both})
+    out = ["## Rerun with other seeds", "",
+           "Every claim below was run a second time on seeds %s (new teachers and students; the hyper-parameters "
+           "are the same, chosen on the tuning seed). A comparison's rerun is *inside* when its mean lies in the "
+           "first run's 95 %% interval. With 5 seeds on each side, the mean of an independent rerun falls inside "
+           "a 95 %% t-interval about 88 %% of the time (its difference from the first mean has twice the variance "
+           "of one mean), so a few outside are expected." % ", ".join(" ".join(map(str, t)) for t in seeds), "",
+           "**Inside: %d of %d comparisons; %d of %d arms' mean test accuracies. Same verdict: %d of %d "
+           "comparisons.**" % (n_in, n_tot, a_in, a_tot, same, n_tot), "",
+           "| claim | comparison | first run (95 % CI) | rerun (95 % CI) | inside | verdicts |", "|---|---|---|---|---|---|"]
+    return out + rows + [""]
+
+
+def _summaries(summary_dir):
     found = {}
     for path in sorted(glob.glob(os.path.join(summary_dir, "*", "summary.json"))):
         with open(path) as f:
@@ -172,6 +215,11 @@ def write(summary_dir, docs):
         if s["claim"] in CLAIMS:
             s.update({k: CLAIMS[s["claim"]].get(k, s.get(k)) for k in TEXTS})
         found[s["claim"]] = s
+    return found
+
+
+def write(summary_dir, docs, rerun_dir=None):
+    found = _summaries(summary_dir)
     if not found:
         raise SystemExit("reproduce --report: no */summary.json under %s" % summary_dir)
     plots = os.path.join(os.path.dirname(docs) or ".", "reproductions")
@@ -197,6 +245,8 @@ def write(summary_dir, docs):
     train_s = sum(s.get("runs", {}).get("train_s", 0.0) for s in ordered)
     lines += ["", "Training time of every run behind this page, summed per claim (a run shared by two claims counts "
               "in both): %.0f s on one thread each; `make reproduce` trains two at once." % train_s, ""]
+    if rerun_dir:
+        lines += rerun_section(found, _summaries(rerun_dir))
     for s in ordered:
         png = os.path.join(plots, "%s.png" % s["claim"])
         plot(s, png)
