@@ -48,7 +48,7 @@ def generation_args(args, g):
     a.seed = args.seed + SEED_STRIDE * g
     a.command = "teacher" if g == 0 else "distill"
     a.teacher = [] if g == 0 else [os.path.join(args.out, "gen%d" % (g - 1))]
-    a.teacher_dataset = None
+    a.teacher_dataset = a.teacher_cache = None
     a.sync_bn = False
     return a
 

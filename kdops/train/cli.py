@@ -23,7 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdops.train import data, methods, models, runlog
 
-COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_dataset", "hp", "epochs",
+COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_cache", "teacher_dataset", "hp",
+                      "epochs",
                       "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
                       "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn")
 
@@ -77,12 +78,16 @@ def build_parser():
                    add_help=False)
     sub.add_parser("mutual", help="train N peers together from scratch, Deep Mutual Learning (see: kdops mutual "
                                   "--help)", add_help=False)
+    sub.add_parser("cache-teacher", help="store a teacher's logits on the training set for distill --teacher-cache "
+                                         "(see: kdops cache-teacher --help)", add_help=False)
     sub.add_parser("born-again", help="Born-Again Networks: generations of one architecture, each distilled from "
                                       "the last (see: kdops born-again --help)", add_help=False)
     for q in (teacher, distill):
         add_common_args(q)
     distill.add_argument("--teacher", action="append", default=[], help="teacher checkpoint or run dir; repeat for an "
                                                                        "ensemble (the terms are averaged)")
+    distill.add_argument("--teacher-cache", metavar="DIR", help="a teacher's logits cached by kdops cache-teacher, "
+                                                                "instead of --teacher (logit methods, no augmentation)")
     distill.add_argument("--teacher-dataset", help="the teacher's training dataset when it differs from --dataset "
                                                    "(feature methods only: logits need one label space)")
     add_method_args(distill)
@@ -289,7 +294,12 @@ def _train(args, rank, world, device):
     method = methods.get(args.method if args.command == "distill" else "none")
     hp = method.hparams(parse_method_args(args) if args.command == "distill" else {})
     dataset = load_dataset(args)
-    teachers = load_teachers(args, dataset, method, device) if args.command == "distill" else []
+    if args.command == "distill" and args.teacher_cache:
+        from kdops.train import teacher_cache
+
+        teachers = [teacher_cache.load_for_distill(args, dataset, method, device)]
+    else:
+        teachers = load_teachers(args, dataset, method, device) if args.command == "distill" else []
     args.model = args.model or default_model(dataset, args.command)
     torch.manual_seed(args.seed)
     student = models.build(args.model, dataset.num_classes, dataset.input_shape).to(device)
@@ -345,7 +355,8 @@ def _train(args, rank, world, device):
             x = dataset.batch(dataset.x_train[idx].to(device), train=True, generator=gen)
             y = dataset.y_train[idx].to(device)
             with torch.no_grad():
-                t_outs = [t(x, features=True) for t in teachers]
+                t_outs = [t.outputs(idx.to(device)) if hasattr(t, "outputs") else t(x, features=True)
+                          for t in teachers]
             loss, ce, kd, logits = ddp(x, t_outs, y, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -382,6 +393,7 @@ def _train(args, rank, world, device):
     if rank == 0 and done:
         summary = {"command": args.command, "dataset": dataset.name, "model": args.model, "method": method.name,
                    "hp": hp, "teachers": list(args.teacher) if args.command == "distill" else [],
+                   "teacher_cache": getattr(args, "teacher_cache", None),
                    "epochs": args.epochs, "seed": args.seed, "world_size": world, "device": str(device),
                    "evaluated_on": "validation" if args.val_split else "test",
                    "params": sum(p.numel() for p in student.parameters()),
@@ -402,6 +414,10 @@ def main(argv=None):
         from kdops.train import mutual
 
         return mutual.main(argv[1:])
+    if argv[:1] == ["cache-teacher"]:
+        from kdops.train import teacher_cache
+
+        return teacher_cache.main(argv[1:])
     if argv[:1] == ["born-again"]:  # a driver of teacher / distill runs
         from kdops.train import born_again
 
