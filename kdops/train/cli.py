@@ -21,12 +21,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from kdops.train import data, methods, models, runlog
+from kdops.train import compress, data, methods, models, runlog
 
 COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_cache", "teacher_dataset", "hp",
                       "epochs",
                       "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
-                      "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn")
+                      "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn",
+                      "student_init", "prune")
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,6 +92,11 @@ def build_parser():
     distill.add_argument("--teacher-dataset", help="the teacher's training dataset when it differs from --dataset "
                                                    "(feature methods only: logits need one label space)")
     add_method_args(distill)
+    distill.add_argument("--student-init", metavar="RUN", help="start the student from the final weights of this "
+                                                                "run (same model and data), e.g. to prune it")
+    distill.add_argument("--prune", type=float, metavar="AMOUNT",
+                         help="magnitude pruning: set the AMOUNT fraction (0..1) of the smallest Conv / Linear "
+                              "weights to 0 at the start and keep them 0 (recovered by the method's training)")
     return p
 
 
@@ -303,6 +309,12 @@ def _train(args, rank, world, device):
     args.model = args.model or default_model(dataset, args.command)
     torch.manual_seed(args.seed)
     student = models.build(args.model, dataset.num_classes, dataset.input_shape).to(device)
+    init, amount = getattr(args, "student_init", None), getattr(args, "prune", None)
+    if init:
+        compress.load_init(student, init, args.model, dataset)
+    masks = compress.magnitude_masks(student, amount) if amount is not None else None
+    if masks is not None:
+        compress.apply_masks(student, masks)
     probe = dataset.batch(dataset.x_train[:2].to(device))
     distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
     step = Step(student, distiller)
@@ -323,6 +335,8 @@ def _train(args, rank, world, device):
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"]["torch"])
         history, start = list(ck["history"]), ck["epoch"]
+        if masks is not None:
+            masks = {k: v.to(device) for k, v in ck["prune_masks"].items()}
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         runlog.write_metrics(args.out, history)
@@ -361,6 +375,8 @@ def _train(args, rank, world, device):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if masks is not None:
+                compress.apply_masks(student, masks)
             b = len(idx)
             sums[0] += loss.item() * b
             sums[1] += ce.item() * b
@@ -383,6 +399,7 @@ def _train(args, rank, world, device):
                 "config": cfg, "epoch": epoch + 1, "model_state": student.state_dict(),
                 "distiller_state": distiller.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history,
+                "prune_masks": masks,
             }, ckpt_file)
             runlog.write_metrics(args.out, history)
             print("epoch %d/%d  loss %.4f  train acc %.4f  test acc %.4f  %.2fs"
@@ -397,6 +414,7 @@ def _train(args, rank, world, device):
                    "epochs": args.epochs, "seed": args.seed, "world_size": world, "device": str(device),
                    "evaluated_on": "validation" if args.val_split else "test",
                    "params": sum(p.numel() for p in student.parameters()),
+                   "sparsity": compress.sparsity(student) if masks is not None else None,
                    "final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
                    "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
         runlog.write_summary(args.out, summary)

@@ -210,6 +210,10 @@ def arm_job(cache, claim, arm, seed, hp, cfg, tuning):
                 "--threads", 1, "--no-progress"]
         for key, value in sorted(hp.items()):
             argv += ["--method-arg", "%s=%r" % (key, value)]
+    if arm.get("init"):  # a compressed student: start from a trained run (a TEACHERS entry) of its model
+        argv += ["--student-init", teacher_job(cache, arm["init"], seed, cfg)["out"]]
+    if arm.get("prune") is not None:
+        argv += ["--prune", arm["prune"]]
     teachers = [teacher_job(cache, t, seed, cfg)["out"] for t in arm.get("teachers", ())]
     for t in teachers:
         argv += ["--teacher", t]
@@ -264,7 +268,8 @@ def reproduce(name, seeds=DEFAULT_SEEDS, out=None, cache=None, jobs=2, quick=Fal
     t0 = time.perf_counter()
     runner = Runner(jobs)
     try:
-        specs = sorted({t for arm in claim["arms"] for t in arm.get("teachers", ())})
+        specs = sorted({t for arm in claim["arms"] for t in arm.get("teachers", ())}
+                       | {arm["init"] for arm in claim["arms"] if arm.get("init")})
         batch = [teacher_job(cache, s, seed, cfg) for s in specs for seed in [TUNING_SEED] + seeds]
         every = [j["out"] for j in batch]
         n = runner.run(batch)
