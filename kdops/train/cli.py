@@ -27,7 +27,7 @@ COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teach
                       "epochs",
                       "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
                       "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn",
-                      "student_init", "prune")
+                      "student_init", "prune", "quantize")
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,6 +97,9 @@ def build_parser():
     distill.add_argument("--prune", type=float, metavar="AMOUNT",
                          help="magnitude pruning: set the AMOUNT fraction (0..1) of the smallest Conv / Linear "
                               "weights to 0 at the start and keep them 0 (recovered by the method's training)")
+    distill.add_argument("--quantize", choices=("int8",),
+                         help="quantization-aware training of the student (CPU): int8 weights, uint8 activations; "
+                              "the run's final accuracy is the converted int8 model's")
     return p
 
 
@@ -315,6 +318,13 @@ def _train(args, rank, world, device):
     masks = compress.magnitude_masks(student, amount) if amount is not None else None
     if masks is not None:
         compress.apply_masks(student, masks)
+    plain = None  # under --quantize: the float model whose key layout model_state keeps
+    if getattr(args, "quantize", None):
+        from kdops.train import quantize
+
+        quantize.check(args, world, device)
+        plain = student
+        student = quantize.QATStudent(student, dataset.batch(dataset.x_train[:2].to(device)))
     probe = dataset.batch(dataset.x_train[:2].to(device))
     distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
     step = Step(student, distiller)
@@ -329,7 +339,7 @@ def _train(args, rank, world, device):
     history, start = [], 0
     ck = resumed_checkpoint(args, cfg, COMPARED_ON_RESUME)
     if ck is not None:
-        student.load_state_dict(ck["model_state"])
+        student.load_state_dict(ck["model_state"] if plain is None else ck["qat_state"])
         distiller.load_state_dict(ck["distiller_state"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -396,7 +406,9 @@ def _train(args, rank, world, device):
             runlog.save_atomic({
                 "format": 1, "kind": args.command, "model": args.model, "dataset": dataset.name,
                 "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape), "method": method.name,
-                "config": cfg, "epoch": epoch + 1, "model_state": student.state_dict(),
+                "config": cfg, "epoch": epoch + 1,
+                "model_state": student.state_dict() if plain is None else student.float_state(plain),
+                "qat_state": None if plain is None else student.state_dict(),
                 "distiller_state": distiller.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": {"torch": torch.get_rng_state()}, "history": history,
                 "prune_masks": masks,
@@ -407,6 +419,14 @@ def _train(args, rank, world, device):
                   flush=True)
     done = len(history) == args.epochs
     summary = None
+    int8 = None
+    if rank == 0 and done and plain is not None:
+        int8 = quantize.Int8Model(student.convert())
+        int8_acc, int8_loss = evaluate(int8, dataset, rank, world, device, 512)
+        example = dataset.batch(dataset.x_train[:2].to(device))
+        quantize.save(int8, example, os.path.join(args.out, "quantized.pt2"))
+        print("int8 model: test acc %.4f (fake-quantized %.4f) -> %s"
+              % (int8_acc, history[-1]["test_acc"], os.path.join(args.out, "quantized.pt2")), flush=True)
     if rank == 0 and done:
         summary = {"command": args.command, "dataset": dataset.name, "model": args.model, "method": method.name,
                    "hp": hp, "teachers": list(args.teacher) if args.command == "distill" else [],
@@ -415,7 +435,9 @@ def _train(args, rank, world, device):
                    "evaluated_on": "validation" if args.val_split else "test",
                    "params": sum(p.numel() for p in student.parameters()),
                    "sparsity": compress.sparsity(student) if masks is not None else None,
-                   "final_test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
+                   "quantize": getattr(args, "quantize", None),
+                   "fake_quant_test_acc": history[-1]["test_acc"] if int8 is not None else None,
+                   "final_test_acc": history[-1]["test_acc"] if int8 is None else int8_acc, "best_test_acc": max(r["test_acc"] for r in history),
                    "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
         runlog.write_summary(args.out, summary)
         runlog.plot_curves(args.out, history, "%s %s on %s" % (args.model, method.name, dataset.name))

@@ -214,6 +214,8 @@ def arm_job(cache, claim, arm, seed, hp, cfg, tuning):
         argv += ["--student-init", teacher_job(cache, arm["init"], seed, cfg)["out"]]
     if arm.get("prune") is not None:
         argv += ["--prune", arm["prune"]]
+    if arm.get("quantize"):
+        argv += ["--quantize", arm["quantize"]]
     teachers = [teacher_job(cache, t, seed, cfg)["out"] for t in arm.get("teachers", ())]
     for t in teachers:
         argv += ["--teacher", t]
