@@ -101,6 +101,7 @@ def test_sequential_differs_from_simultaneous(tmp_path):
     (["--model", "no-such-net"], "unknown model"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--sync-bn"], "no --sync-bn"),
+    (["--scheme", "kdcl", "--sequential"], "--scheme kdcl updates every peer against one shared target"),
 ])
 def test_bad_command_lines(tmp_path, capsys, extra, message):
     assert cli.main(["mutual", "--epochs", "1", "--out", str(tmp_path / "x"), *TINY, *extra]) == 2
@@ -114,3 +115,58 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert cli.main(["mutual", "--epochs", "1", "--out", out, *TINY]) == 2
     assert "--resume" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(out, "checkpoint.pt")) == before
+
+
+def test_minlogit_target_against_known_numbers():
+    y = torch.tensor([0, 2])
+    a = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 4.0]])
+    b = torch.tensor([[2.0, 1.5, -2.0], [0.0, 3.0, 2.0]])
+    # a - a[y]: [[0, -2, -3], [-3, -2, 0]]; b - b[y]: [[0, -0.5, -4], [-2, 1, 0]]; min: [[0, -2, -4], [-3, -2, 0]]
+    assert torch.equal(mutual.kdcl_target([a, b], y, "minlogit"), torch.tensor([[0.0, -2.0, -4.0], [-3.0, -2.0, 0.0]]))
+    assert torch.equal(mutual.kdcl_target([a, b], y, "mean"), (a + b) / 2)
+
+
+@pytest.mark.parametrize("target", ["mean", "minlogit"])
+def test_kdcl_batch_follows_the_definition(target):
+    # plain SGD: peer m's step is -0.1 * grad of CE_m + lam T^2 KL(softmax(t / T) || softmax(z_m / T)), with t the
+    # detached target of every peer's logits on its own input
+    torch.manual_seed(0)
+    peers = [models.build("mlp-s", 5, (8,)) for _ in range(3)]
+    ref = [models.build("mlp-s", 5, (8,)) for _ in range(3)]
+    for a, b in zip(ref, peers):
+        a.load_state_dict(b.state_dict())
+    xs, y = [torch.randn(16, 8) for _ in range(3)], torch.randint(0, 5, (16,))
+    args = args_for(temperature=3.0, mutual_weight=0.6, scheme="kdcl", kdcl_target=target)
+    mutual.train_batch(peers, [torch.optim.SGD(m.parameters(), lr=0.1) for m in peers], xs, y, args)
+    outs = [m(x) for m, x in zip(ref, xs)]
+    z = torch.stack(outs).detach()
+    t = z.mean(0) if target == "mean" else (z - z.gather(2, y.view(1, -1, 1).expand(3, -1, 1))).min(0).values
+    for m, out in zip(ref, outs):
+        kl = TF.kl_div(TF.log_softmax(out / 3, 1), TF.softmax(t / 3, 1), reduction="batchmean") * 9
+        loss = TF.cross_entropy(out, y) + 0.6 * kl
+        grads = torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)
+        with torch.no_grad():
+            for p, g in zip(m.parameters(), grads):
+                p -= 0.1 * g
+    for a, b in zip(peers, ref):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_kdcl_run_resumes_and_differs_from_dml(tmp_path):
+    common = ["mutual", "--peers", 2, "--scheme", "kdcl", "--kdcl-target", "minlogit", "--temperature", 2,
+              "--epochs", 2, *TINY]
+    run(*common, "--out", tmp_path / "full")
+    run(*common, "--out", tmp_path / "part", "--stop-after", 1)
+    run(*common, "--out", tmp_path / "part", "--resume")
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a["history"][-1]["peer_test_acc"] == b["history"][-1]["peer_test_acc"]
+    for pa, pb in zip(a["peers"], b["peers"]):
+        assert all(torch.equal(pa["model_state"][k], pb["model_state"][k]) for k in pa["model_state"])
+    s = json.load(open(tmp_path / "full" / "summary.json"))
+    assert s["scheme"] == "kdcl" and s["kdcl_target"] == "minlogit"
+    assert cli.main(["mutual", "--peers", 2, "--scheme", "kdcl", "--temperature", 2, "--epochs", 2, *TINY,
+                     "--out", str(tmp_path / "full"), "--resume"]) == 2  # another target: not the same run
+    run("mutual", "--peers", 2, "--temperature", 2, "--epochs", 2, *TINY, "--out", tmp_path / "dml")
+    d = load_checkpoint(tmp_path / "dml")["peers"][0]["model_state"]
+    assert any(not torch.equal(d[k], a["peers"][0]["model_state"][k]) for k in d)

@@ -147,7 +147,8 @@ def train(args):
         print("generation %d  test acc %.4f  ensemble 1..%d %s  ensemble 0..%d %.4f"
               % (g, final, g, "-" if row["ensemble_acc"] is None else "%.4f" % row["ensemble_acc"], g,
                  row["ensemble_all_acc"]), flush=True)
-    summary = {"command": "born-again", "dataset": dataset.name, "model": args.model, "method": args.method, "hp": methods.get(args.method).hparams(cli.parse_method_args(args)),
+    summary = {"command": "born-again", "dataset": dataset.name, "model": args.model, "method": args.method,
+               "hp": methods.get(args.method).hparams(cli.parse_method_args(args)),
                "generations": rows, "evaluated_on": "validation" if args.val_split else "test",
                "final_test_acc": rows[-1]["test_acc"], "ensemble_acc": rows[-1]["ensemble_acc"],
                "ensemble_all_acc": rows[-1]["ensemble_all_acc"], "seed": args.seed, "epochs": args.epochs,

@@ -325,4 +325,24 @@ CLAIMS = {
                       "--quantize int8 --method kd --teacher T --epochs 30 --lr 0.005 --out R` (CPU: the int8 "
                       "reference program is a CPU program), against `--method none`, five seeds each.",
     },
+    "kdcl-peers": {
+        "source": "KDCL (Guo et al. 2020; survey 004, online ensembles)",
+        "statement": "students trained with KDCL's shared ensemble target beat the same network trained alone",
+        "paper": "Guo et al. report every KDCL student above the same network trained alone on CIFAR-100 and "
+                 "ImageNet, MinLogit among their best targets (numbers not transcribed here).",
+        "dataset": "mnist1d", "student": "cnn1d-s",
+        "arms": [dict(name="none", method="none")]
+                + [dict(name="kdcl-%s" % t, method="mutual", scheme="mutual", peers=2,
+                        args=("--scheme", "kdcl", "--kdcl-target", t, "--temperature", 3))
+                   for t in ("mean", "minlogit")],
+        "comparisons": ["kdcl-mean > none", "kdcl-minlogit > none"],
+        "notes": "`kdops mutual --scheme kdcl`: two cnn1d-s students from scratch, T = 3, each against the "
+                 "detached target of both students' logits (their mean, or MinLogit); mnist1d has no augmentation, "
+                 "so both students see the same batch and differ by their initialisation. A run's accuracy is the "
+                 "mean of its students' test accuracies; the weight of the KD term is tuned like a loss weight.",
+        "full_scale": "KDCL's CIFAR-100 setting: `kdops mutual --scheme kdcl --kdcl-target minlogit --dataset "
+                      "cifar100 --data-dir DIR --peers 2 --model resnet56 --temperature 3 --epochs 300 --lr 0.1 "
+                      "--lr-schedule step --lr-milestones 150 225 --device cuda --out R` (each student its own random "
+                      "crop and flip), against `kdops teacher` runs of the same network and schedule.",
+    },
 }

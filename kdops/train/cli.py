@@ -437,7 +437,8 @@ def _train(args, rank, world, device):
                    "sparsity": compress.sparsity(student) if masks is not None else None,
                    "quantize": getattr(args, "quantize", None),
                    "fake_quant_test_acc": history[-1]["test_acc"] if int8 is not None else None,
-                   "final_test_acc": history[-1]["test_acc"] if int8 is None else int8_acc, "best_test_acc": max(r["test_acc"] for r in history),
+                   "final_test_acc": history[-1]["test_acc"] if int8 is None else int8_acc,
+                   "best_test_acc": max(r["test_acc"] for r in history),
                    "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
         runlog.write_summary(args.out, summary)
         runlog.plot_curves(args.out, history, "%s %s on %s" % (args.model, method.name, dataset.name))

@@ -1,4 +1,5 @@
-"""Deep Mutual Learning (Zhang et al. 2018): N peers trained together from scratch, no pretrained teacher.
+"""Online distillation: N peers trained together from scratch, no pretrained teacher. Deep Mutual Learning
+(Zhang et al. 2018, the default) or KDCL (Guo et al. 2020, ``--scheme kdcl``).
 
     python -m kdops.train mutual --peers 2 --model cnn1d-s --dataset mnist1d --epochs 20 --out runs/dml
     python -m kdops.train mutual --model cnn1d-s --model cnn1d-m --out runs/dml-mixed     (one peer per --model)
@@ -8,6 +9,11 @@ Peer i minimises CE(z_i, y) + lam * T^2 * sum_{j != i} KL(p_j || p_i) with the o
 N - 1 (the paper's average; the official code sums). By default every peer is updated on the same batch from the
 same forward pass (what most PyTorch versions do); ``--sequential`` updates the peers one after another, each
 against the others' current outputs (the official code's order: peer i sees peers < i already updated).
+
+KDCL (``--scheme kdcl``): every peer sees its own draw of the augmentation of the batch (on data without
+augmentation, the same inputs), and minimises CE(z_m, y) + lam * T^2 * KL(softmax(t / T) || softmax(z_m / T)) against
+one shared target t built from all peers' logits and detached: their mean (``--kdcl-target mean``, what public
+re-implementations use) or MinLogit (``--kdcl-target minlogit``: t_k = min_m (z_m,k - z_m,y), the paper's).
 
 Each peer has its own optimiser and schedule (the shared flags). Every epoch appends to ``metrics.jsonl`` (per
 peer test accuracy, their mean and the accuracy of the peers' ensemble, the mean of their probabilities) and
@@ -27,7 +33,9 @@ from kdops.train import cli, models, runlog
 COMPARED_ON_RESUME = ("command", "dataset", "models", "peers", "epochs", "batch_size", "lr", "lr_schedule",
                       "lr_milestones", "lr_gamma", "optimizer", "momentum", "weight_decay", "seed", "train_subset",
                       "test_subset", "val_split", "augment", "temperature", "mutual_weight", "average_peers",
-                      "sequential")
+                      "sequential", "scheme", "kdcl_target")
+SCHEMES = ("dml", "kdcl")
+KDCL_TARGETS = ("mean", "minlogit")
 
 
 def build_parser():
@@ -39,6 +47,11 @@ def build_parser():
     p.add_argument("--mutual-weight", type=float, default=1.0, help="lam, the weight of the mutual term (default 1)")
     p.add_argument("--average-peers", action="store_true", help="divide the mutual term by N - 1")
     p.add_argument("--sequential", action="store_true", help="update the peers one after another (official code)")
+    p.add_argument("--scheme", choices=SCHEMES, default="dml",
+                   help="dml: each peer against the others (default); kdcl: each peer against one shared target "
+                        "built from all peers, each peer on its own augmentation of the batch")
+    p.add_argument("--kdcl-target", choices=KDCL_TARGETS, default="mean",
+                   help="with --scheme kdcl: the target logits, the peers' mean (default) or MinLogit")
     return p
 
 
@@ -60,6 +73,9 @@ def check_args(args):
         raise ValueError("--temperature must be > 0, got %r" % args.temperature)
     if not args.mutual_weight >= 0:
         raise ValueError("--mutual-weight must be >= 0, got %r" % args.mutual_weight)
+    if args.scheme == "kdcl" and (args.sequential or args.average_peers):
+        raise ValueError("--scheme kdcl updates every peer against one shared target: no --sequential or "
+                         "--average-peers (those are DML's options)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.sync_bn:
         raise ValueError("mutual runs in one process (no DDP, so no --sync-bn); run it without torchrun")
 
@@ -88,9 +104,39 @@ def _mutual_terms(logits, args):
     return KF.mutual_kd_loss(logits, temperature=args.temperature, average_peers=args.average_peers)
 
 
+def kdcl_target(logits, y, kind):
+    """KDCL's shared target logits (detached): the mean of the peers' logits, or MinLogit: with
+    z'_m = z_m - z_m[y] (each peer's logits shifted so that the true class is at 0), the element-wise minimum
+    over the peers, min_m z'_m (the most confident combination; the true class stays at 0)."""
+    with torch.no_grad():
+        z = torch.stack([t.float() for t in logits])  # (N, b, C)
+        if kind == "mean":
+            return z.mean(0)
+        shifted = z - z.gather(2, y.view(1, -1, 1).expand(z.shape[0], -1, 1))
+        return shifted.min(0).values
+
+
+def train_batch_kdcl(peers, opts, xs, y, args):
+    """KDCL: peer m minimises CE(z_m, y) + lam T^2 KL(softmax(t / T) || softmax(z_m / T)), t the shared target."""
+    logits = [m(x) for m, x in zip(peers, xs)]
+    target = kdcl_target(logits, y, args.kdcl_target)
+    ce = [torch.nn.functional.cross_entropy(z, y) for z in logits]
+    terms = [KF.kd_loss(z, target.to(z.dtype), temperature=args.temperature) for z in logits]
+    loss = sum(ce) + args.mutual_weight * sum(terms)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+    return [c.item() for c in ce], [t.item() for t in terms], [(z.argmax(1) == y).sum().item() for z in logits]
+
+
 def train_batch(peers, opts, x, y, args):
-    """One batch: returns (each peer's CE, each peer's mutual term, each peer's correct count)."""
+    """One batch: returns (each peer's CE, each peer's mutual term, each peer's correct count). Under KDCL `x`
+    is a list, one (augmented) batch per peer."""
     lam, n = args.mutual_weight, len(peers)
+    if args.scheme == "kdcl":
+        return train_batch_kdcl(peers, opts, x, y, args)
     if not args.sequential:
         logits = [m(x) for m in peers]
         ce = [torch.nn.functional.cross_entropy(z, y) for z in logits]
@@ -124,6 +170,9 @@ def train_batch(peers, opts, x, y, args):
 def config_of(args, names):
     cfg = {k: getattr(args, k, None) for k in COMPARED_ON_RESUME}
     cfg["models"], cfg["peers"] = list(names), len(names)
+    if cfg["scheme"] == "dml":  # as runs from before the schemes were recorded, so they still resume
+        cfg.pop("scheme")
+        cfg.pop("kdcl_target")
     return cfg
 
 
@@ -164,8 +213,9 @@ def train(args):
         history, start = list(ck["history"]), ck["epoch"]
     os.makedirs(args.out, exist_ok=True)
     runlog.write_metrics(args.out, history)
-    print("kdops mutual: %d peers (%s) on %s, T=%g, weight %g%s%s, %d epochs, device %s"
-          % (len(peers), ", ".join(names), dataset.name, args.temperature, args.mutual_weight,
+    print("kdops mutual: %s, %d peers (%s) on %s, T=%g, weight %g%s%s, %d epochs, device %s"
+          % ("DML" if args.scheme == "dml" else "KDCL (%s target)" % args.kdcl_target, len(peers),
+             ", ".join(names), dataset.name, args.temperature, args.mutual_weight,
              ", averaged" if args.average_peers else "", ", sequential" if args.sequential else "", args.epochs,
              device), flush=True)
     n_train = len(dataset.y_train)
@@ -182,7 +232,11 @@ def train(args):
         n = len(peers)
         sums_ce, sums_mk, sums_hit, seen = [0.0] * n, [0.0] * n, [0.0] * n, 0
         for idx in batches:
-            x = dataset.batch(dataset.x_train[idx].to(device), train=True, generator=gen)
+            raw = dataset.x_train[idx].to(device)
+            if args.scheme == "kdcl":  # each peer its own draw of the augmentation (identical without one)
+                x = [dataset.batch(raw, train=True, generator=gen) for _ in peers]
+            else:
+                x = dataset.batch(raw, train=True, generator=gen)
             y = dataset.y_train[idx].to(device)
             ce, mk, hit = train_batch(peers, opts, x, y, args)
             b = len(idx)
@@ -220,14 +274,16 @@ def train(args):
         final = history[-1]
         summary = {"command": "mutual", "dataset": dataset.name, "models": names, "peers": len(names),
                    "temperature": args.temperature, "mutual_weight": args.mutual_weight,
-                   "average_peers": args.average_peers, "sequential": args.sequential, "epochs": args.epochs,
+                   "average_peers": args.average_peers, "sequential": args.sequential, "scheme": args.scheme,
+                   "kdcl_target": args.kdcl_target if args.scheme == "kdcl" else None, "epochs": args.epochs,
                    "seed": args.seed, "device": str(device),
                    "evaluated_on": "validation" if args.val_split else "test",
                    "peer_final_test_acc": final["peer_test_acc"], "final_test_acc": final["test_acc"],
                    "ensemble_final_test_acc": final["ensemble_test_acc"],
                    "mean_epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
         runlog.write_summary(args.out, summary)
-        runlog.plot_curves(args.out, history, "DML: %d peers on %s (mean over peers)" % (len(names), dataset.name))
+        runlog.plot_curves(args.out, history, "%s: %d peers on %s (mean over peers)"
+                           % (args.scheme.upper(), len(names), dataset.name))
     return summary
 
 

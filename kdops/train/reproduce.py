@@ -197,7 +197,7 @@ def arm_job(cache, claim, arm, seed, hp, cfg, tuning):
     if arm.get("scheme") == "mutual":  # N peers trained together (kdops mutual): no teacher, its own options
         argv = ["mutual", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--peers", arm.get("peers", 2), "--epochs", cfg["epochs"], "--train-subset", subset, "--seed", seed,
-                "--threads", 1, "--no-progress", "--mutual-weight", hp["loss_weight"]]
+                "--threads", 1, "--no-progress", "--mutual-weight", hp["loss_weight"]] + list(arm.get("args", ()))
     elif arm.get("scheme") == "born-again":  # generation 0 on labels, then G generations each from the last
         argv = ["born-again", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--generations", arm.get("generations", 2), "--method", arm["method"], "--epochs", cfg["epochs"],

@@ -203,7 +203,8 @@ def rerun_section(first, second):
            "of one mean), so a few outside are expected." % ", ".join(" ".join(map(str, t)) for t in seeds), "",
            "**Inside: %d of %d comparisons; %d of %d arms' mean test accuracies. Same verdict: %d of %d "
            "comparisons.**" % (n_in, n_tot, a_in, a_tot, same, n_tot), "",
-           "| claim | comparison | first run (95 % CI) | rerun (95 % CI) | inside | verdicts |", "|---|---|---|---|---|---|"]
+           "| claim | comparison | first run (95 % CI) | rerun (95 % CI) | inside | verdicts |",
+           "|---|---|---|---|---|---|"]
     return out + rows + [""]
 
 
