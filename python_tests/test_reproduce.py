@@ -65,8 +65,9 @@ def test_registry_covers_the_issue_and_is_consistent():
         assert len(names) == len(set(names)), name
         for arm in c["arms"]:
             scheme = arm.get("scheme")  # a scheme without a teacher (kdops mutual), or a distill method
-            assert scheme in (None, "mutual", "born-again"), (name, arm)
+            assert scheme in (None, "mutual", "born-again", "one"), (name, arm)
             assert scheme or arm["method"] in methods.METHODS, (name, arm)
+            assert scheme != "born-again" or arm["method"] in methods.METHODS, (name, arm)
             assert all(t in claims.TEACHERS for t in arm.get("teachers", ())), (name, arm)
             assert (arm["method"] == "none" or scheme is not None) == (not arm.get("teachers")), (name, arm)
             assert len(reproduce.candidates(arm)) == (1 if arm["method"] == "none" else len(reproduce.GRID))

@@ -81,6 +81,8 @@ def build_parser():
                                   "--help)", add_help=False)
     sub.add_parser("cache-teacher", help="store a teacher's logits on the training set for distill --teacher-cache "
                                          "(see: kdops cache-teacher --help)", add_help=False)
+    sub.add_parser("one", help="ONE: a shared trunk and M branches distilled from their gated ensemble (see: kdops "
+                               "one --help)", add_help=False)
     sub.add_parser("born-again", help="Born-Again Networks: generations of one architecture, each distilled from "
                                       "the last (see: kdops born-again --help)", add_help=False)
     for q in (teacher, distill):
@@ -459,6 +461,10 @@ def main(argv=None):
         from kdops.train import teacher_cache
 
         return teacher_cache.main(argv[1:])
+    if argv[:1] == ["one"]:  # one branched model and its own loss
+        from kdops.train import one
+
+        return one.main(argv[1:])
     if argv[:1] == ["born-again"]:  # a driver of teacher / distill runs
         from kdops.train import born_again
 

@@ -198,6 +198,11 @@ def arm_job(cache, claim, arm, seed, hp, cfg, tuning):
         argv = ["mutual", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--peers", arm.get("peers", 2), "--epochs", cfg["epochs"], "--train-subset", subset, "--seed", seed,
                 "--threads", 1, "--no-progress", "--mutual-weight", hp["loss_weight"]] + list(arm.get("args", ()))
+    elif arm.get("scheme") == "one":  # one branched network distilled from its own gated ensemble (kdops one)
+        argv = ["one", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
+                "--branches", arm.get("branches", 3), "--epochs", cfg["epochs"], "--train-subset", subset,
+                "--seed", seed, "--threads", 1, "--no-progress", "--kd-weight", hp["loss_weight"]] \
+            + list(arm.get("args", ()))
     elif arm.get("scheme") == "born-again":  # generation 0 on labels, then G generations each from the last
         argv = ["born-again", "--dataset", claim["dataset"], "--model", arm.get("model", claim["student"]),
                 "--generations", arm.get("generations", 2), "--method", arm["method"], "--epochs", cfg["epochs"],
@@ -248,7 +253,7 @@ def candidates(arm):
 
     if arm["method"] == "none":
         return [dict(arm.get("hp", {}))]
-    if arm.get("scheme") == "mutual":  # the mutual term's weight (kdops mutual --mutual-weight, default 1)
+    if arm.get("scheme") in ("mutual", "one"):  # the online term's weight (--mutual-weight / --kd-weight, 1)
         return [dict(arm.get("hp", {}), loss_weight=round(1.0 * f, 6)) for f in GRID]
     base = methods.get(arm["method"]).hparams(arm.get("hp", {}))["loss_weight"]
     return [dict(arm.get("hp", {}), loss_weight=round(base * f, 6)) for f in GRID]
