@@ -24,8 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from kdops.train import compress, data, methods, models, runlog
 
 COMPARED_ON_RESUME = ("command", "dataset", "model", "method", "teacher", "teacher_cache", "teacher_dataset", "hp",
-                      "epochs",
-                      "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
+                      "epochs", "batch_size", "lr", "lr_schedule", "lr_milestones", "lr_gamma", "optimizer", "momentum",
                       "weight_decay", "seed", "train_subset", "test_subset", "val_split", "augment", "sync_bn",
                       "student_init", "prune", "quantize")
 

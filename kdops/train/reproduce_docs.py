@@ -14,7 +14,7 @@ from kdops.train.claims import CLAIMS
 TEXTS = ("source", "statement", "paper", "notes", "full_scale", "missing")
 
 COMMANDS = """```bash
-make reproduce                                   # every claim, 5 seeds, then this page (about 40 min on 2 cores)
+make reproduce                                   # every claim, 5 seeds, then this page (about 45 min on 2 cores)
 python -m kdops.train reproduce --list           # the claims
 python -m kdops.train reproduce fkd-ensemble --seeds 5 6 7 8 9 --out runs/fkd-ensemble-b   # one claim, other seeds
 python -m kdops.train reproduce kd-small-data --quick                  # smoke run: 1 seed, 1 epoch, no verdict
@@ -174,6 +174,7 @@ def rerun_section(first, second):
     the tuning seed fixes). Per comparison and per arm, whether the rerun's mean lies inside the first run's
     95 % interval, and both verdicts. `first`, `second`: claim name -> summary."""
     both = [n for n in first if n in second and not first[n]["quick"] and not second[n]["quick"]]
+    both.sort(key=lambda n: list(CLAIMS).index(n) if n in CLAIMS else len(CLAIMS))
     if not both:
         return []
     rows, n_in, n_tot, a_in, a_tot, same = [], 0, 0, 0, 0, 0
