@@ -34,3 +34,14 @@ def read_metrics(out):
     """The per-epoch rows a trainer run wrote to OUT/metrics.jsonl."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# A two-epoch trainer run on a slice of mnist1d, and a command that must succeed.
+TINY_1D = ["--dataset", "mnist1d", "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
+           "--threads", "1", "--no-progress", "--epochs", "2"]
+
+
+def run_cli(*argv):
+    from kdops.train import cli
+
+    assert cli.main([str(a) for a in argv]) == 0

@@ -9,15 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+from conftest import TINY_1D, run_cli
+
 from kdops.train import cli, data, models, one
 from kdops.train.runlog import load_checkpoint
 
-TINY = ["--dataset", "mnist1d", "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
-        "--threads", "1", "--no-progress", "--epochs", "2"]
-
-
-def run(*argv):
-    assert cli.main([str(a) for a in argv]) == 0
+TINY = TINY_1D
+run = run_cli
 
 
 @pytest.mark.parametrize("name, shape", [("cnn1d-s", (1, 40)), ("cnn-s", (1, 8, 8)), ("mlp-s", (64,))])

@@ -4,15 +4,12 @@ training, a plain saved model, resume with the same masks, and refusals."""
 import pytest
 import torch
 
+from conftest import TINY_1D, run_cli
 from kdops.train import cli, compress, models
 from kdops.train.runlog import load_checkpoint
 
-TINY = ["--dataset", "mnist1d", "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
-        "--threads", "1", "--no-progress", "--epochs", "2"]
-
-
-def run(*argv):
-    assert cli.main([str(a) for a in argv]) == 0
+TINY = TINY_1D
+run = run_cli
 
 
 @pytest.fixture(scope="module")

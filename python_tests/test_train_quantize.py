@@ -9,17 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import TINY_1D, run_cli
 from kdops.train import cli, data, models, quantize
 from kdops.train.runlog import load_checkpoint
 
 pytest.importorskip("torchao")
 
-TINY = ["--dataset", "mnist1d", "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
-        "--threads", "1", "--no-progress", "--epochs", "2"]
-
-
-def run(*argv):
-    assert cli.main([str(a) for a in argv]) == 0
+TINY = TINY_1D
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,14 @@ import os
 import pytest
 import torch
 
+from conftest import TINY_1D, run_cli
 from kdops import functional as KF
 from kdops.train import cli, data, methods, models, teacher_cache
 from kdops.train.data import files
 from kdops.train.runlog import load_checkpoint
 
-TINY = ["--dataset", "mnist1d", "--train-subset", "256", "--test-subset", "128", "--batch-size", "32",
-        "--threads", "1", "--no-progress", "--epochs", "2"]
-
-
-def run(*argv):
-    assert cli.main([str(a) for a in argv]) == 0
+TINY = TINY_1D
+run = run_cli
 
 
 @pytest.fixture(scope="module")

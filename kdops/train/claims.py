@@ -82,36 +82,33 @@ def _multiview_metrics(claim, runs):
     return out
 
 
-def _born_again_metrics(runs):
-    """Per generation and for the ensemble of generations 1..G, from each born-again run's summary."""
+def _summaries(dirs):
     import json
     import os
 
+    out = []
+    for run in dirs:
+        with open(os.path.join(run, "summary.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+def _born_again_metrics(runs):
+    """Per generation and for the ensemble of generations 1..G, from each born-again run's summary."""
     out = {}
     for arm, dirs in runs.items():
-        rows = []
-        for run in dirs:
-            path = os.path.join(run, "summary.json")
-            with open(path) as f:
-                rows.append(json.load(f).get("generations"))
-        if not all(rows):
-            continue  # not a born-again arm
-        out[arm] = {"gen%d" % r["generation"]: [g[r["generation"]]["test_acc"] for g in rows] for r in rows[0]}
-        out[arm]["ensemble"] = [g[-1]["ensemble_acc"] for g in rows]
+        rows = [s.get("generations") for s in _summaries(dirs)]
+        if all(rows):  # a born-again arm
+            out[arm] = {"gen%d" % r["generation"]: [g[r["generation"]]["test_acc"] for g in rows] for r in rows[0]}
+            out[arm]["ensemble"] = [g[-1]["ensemble_acc"] for g in rows]
     return out
 
 
 def _ensemble_metrics(runs):
     """The online schemes' ensemble accuracy (ONE's gated ensemble), from each run's summary."""
-    import json
-    import os
-
     out = {}
     for arm, dirs in runs.items():
-        values = []
-        for run in dirs:
-            with open(os.path.join(run, "summary.json")) as f:
-                values.append(json.load(f).get("ensemble_final_test_acc"))
+        values = [s.get("ensemble_final_test_acc") for s in _summaries(dirs)]
         if all(v is not None for v in values):
             out[arm] = {"ensemble": values}
     return out

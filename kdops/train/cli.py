@@ -261,6 +261,42 @@ def _seed_epoch(seed, epoch, rank):
     return torch.Generator().manual_seed(s)
 
 
+def single_process_device(args, command):
+    """The device of a command that runs in one process (mutual, one), after its threads are set."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.sync_bn:
+        raise ValueError("%s runs in one process (no DDP, so no --sync-bn); run it without torchrun" % command)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return device
+
+
+def epoch_batches(n, batch_size, gen):
+    """One process's shuffled batches of an epoch from `gen`; a trailing batch of one joins the one before it
+    (BatchNorm in train mode cannot take a batch of one)."""
+    order = torch.randperm(n, generator=gen)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def start_run(args, cfg, compared, restore):
+    """The history and first epoch of a run: `restore(checkpoint)` loads a resumed run's states; the run
+    directory and its metrics.jsonl are (re)written."""
+    history, start = [], 0
+    ck = resumed_checkpoint(args, cfg, compared)
+    if ck is not None:
+        restore(ck)
+        torch.set_rng_state(ck["rng"]["torch"])
+        history, start = list(ck["history"]), ck["epoch"]
+    os.makedirs(args.out, exist_ok=True)
+    runlog.write_metrics(args.out, history)
+    return history, start
+
+
 def _reduce(values, world, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if world > 1:

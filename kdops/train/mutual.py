@@ -76,8 +76,6 @@ def check_args(args):
     if args.scheme == "kdcl" and (args.sequential or args.average_peers):
         raise ValueError("--scheme kdcl updates every peer against one shared target: no --sequential or "
                          "--average-peers (those are DML's options)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.sync_bn:
-        raise ValueError("mutual runs in one process (no DDP, so no --sync-bn); run it without torchrun")
 
 
 @torch.no_grad()
@@ -188,11 +186,7 @@ def peer_checkpoint(args, dataset, name, model, epoch, history, k):
 
 def train(args):
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
+    device = cli.single_process_device(args, "mutual")
     dataset = cli.load_dataset(args)
     names = peer_models(args, dataset)
     torch.manual_seed(args.seed)
@@ -202,17 +196,14 @@ def train(args):
     cfg = config_of(args, names)
 
     ckpt_file = os.path.join(args.out, runlog.CHECKPOINT)
-    history, start = [], 0
-    ck = cli.resumed_checkpoint(args, cfg, COMPARED_ON_RESUME)
-    if ck is not None:
+
+    def restore(ck):
         for m, o, s, st in zip(peers, opts, scheds, ck["peers"]):
             m.load_state_dict(st["model_state"])
             o.load_state_dict(st["optimizer"])
             s.load_state_dict(st["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        history, start = list(ck["history"]), ck["epoch"]
-    os.makedirs(args.out, exist_ok=True)
-    runlog.write_metrics(args.out, history)
+
+    history, start = cli.start_run(args, cfg, COMPARED_ON_RESUME, restore)
     print("kdops mutual: %s, %d peers (%s) on %s, T=%g, weight %g%s%s, %d epochs, device %s"
           % ("DML" if args.scheme == "dml" else "KDCL (%s target)" % args.kdcl_target, len(peers),
              ", ".join(names), dataset.name, args.temperature, args.mutual_weight,
@@ -223,10 +214,7 @@ def train(args):
     for epoch in range(start, last):
         t0 = time.perf_counter()
         gen = cli._seed_epoch(args.seed, epoch, 0)
-        order = torch.randperm(n_train, generator=gen)
-        batches = [order[i:i + args.batch_size] for i in range(0, n_train, args.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm in train mode cannot take a batch of one
-            batches[-2:] = [torch.cat(batches[-2:])]
+        batches = cli.epoch_batches(n_train, args.batch_size, gen)
         for m in peers:
             m.train()
         n = len(peers)

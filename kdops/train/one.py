@@ -127,13 +127,7 @@ def train(args):
         raise ValueError("--temperature must be > 0, got %r" % args.temperature)
     if args.rampup < 0 or not args.kd_weight >= 0:
         raise ValueError("--rampup and --kd-weight must be >= 0")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.sync_bn:
-        raise ValueError("one runs in one process (no DDP, so no --sync-bn); run it without torchrun")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
+    device = cli.single_process_device(args, "one")
     dataset = cli.load_dataset(args)
     args.model = args.model or cli.default_model(dataset, "student")
     torch.manual_seed(args.seed)
@@ -141,16 +135,13 @@ def train(args):
     opt = cli.make_optimizer(args, list(model.parameters()))
     sched = cli.make_scheduler(args, opt)
     cfg = {k: getattr(args, k, None) for k in COMPARED_ON_RESUME}
-    history, start = [], 0
-    ck = cli.resumed_checkpoint(args, cfg, COMPARED_ON_RESUME)
-    if ck is not None:
+
+    def restore(ck):
         model.load_state_dict(ck["model_state"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        history, start = list(ck["history"]), ck["epoch"]
-    os.makedirs(args.out, exist_ok=True)
-    runlog.write_metrics(args.out, history)
+
+    history, start = cli.start_run(args, cfg, COMPARED_ON_RESUME, restore)
     print("kdops one: %s with %d branches on %s, T=%g, ramp-up %d epochs, %d epochs, device %s"
           % (args.model, args.branches, dataset.name, args.temperature, args.rampup, args.epochs, device), flush=True)
     n_train = len(dataset.y_train)
@@ -158,10 +149,7 @@ def train(args):
     for epoch in range(start, last):
         t0 = time.perf_counter()
         gen = cli._seed_epoch(args.seed, epoch, 0)
-        order = torch.randperm(n_train, generator=gen)
-        batches = [order[i:i + args.batch_size] for i in range(0, n_train, args.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < 2:
-            batches[-2:] = [torch.cat(batches[-2:])]
+        batches = cli.epoch_batches(n_train, args.batch_size, gen)
         model.train()
         w = args.kd_weight * rampup(epoch, args.rampup)
         sums, seen = [0.0, 0.0, 0.0, 0.0], 0
