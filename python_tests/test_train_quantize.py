@@ -93,6 +93,15 @@ def test_a_feature_method_trains_the_fake_quantized_features(runs, tmp_path):
     assert os.path.exists(tmp_path / "f" / "quantized.pt2")
 
 
+def test_a_quantized_run_is_not_a_teacher(runs, tmp_path, capsys):
+    assert cli.main(["distill", "--method", "kd", "--teacher", str(runs / "q"), "--out", str(tmp_path / "x"),
+                     *TINY]) == 2
+    assert "int8 quantization-aware run" in capsys.readouterr().err
+    assert cli.main(["cache-teacher", "--teacher", str(runs / "q"), "--dataset", "mnist1d",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "cannot serve as a teacher" in capsys.readouterr().err
+
+
 def test_refusals(runs, tmp_path, capsys):
     assert cli.main(["distill", "--method", "none", "--model", "cnn1d-s", "--quantize", "int8", "--prune", "0.5",
                      "--out", str(tmp_path / "x"), *TINY]) == 2

@@ -164,12 +164,21 @@ def setup_distributed(args):
     return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
+def refuse_quantized(path, ck):
+    """A --quantize run's checkpoint holds the float weights it trained, not the int8 model it reports."""
+    if ck.get("config", {}).get("quantize"):
+        raise ValueError("teacher %s is an int8 quantization-aware run: its checkpoint holds the float weights, not "
+                         "the int8 model its accuracy is of (that is %s); it cannot serve as a teacher"
+                         % (path, os.path.join(os.path.dirname(runlog.checkpoint_path(path)), "quantized.pt2")))
+
+
 def load_teachers(args, dataset, method, device):
     if method.name != "none" and not args.teacher:
         raise ValueError("method %s needs at least one --teacher checkpoint" % method.name)
     teachers = []
     for path in args.teacher:
         ck = runlog.load_checkpoint(path, "teacher")
+        refuse_quantized(path, ck)
         t_data = ck["dataset"]
         if t_data != dataset.name and args.teacher_dataset != t_data:
             raise ValueError("teacher %s was trained on %s, the student on %s: pass --teacher-dataset %s to distil "

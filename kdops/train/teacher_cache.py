@@ -61,6 +61,7 @@ def cache_teacher(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     ck = runlog.load_checkpoint(args.teacher, "teacher")
+    cli.refuse_quantized(args.teacher, ck)
     if ck["kind"] not in ("teacher", "distill"):
         raise ValueError("teacher %s is a %s run: only a fixed teacher (a teacher or distill run) can be cached"
                          % (args.teacher, ck["kind"]))
