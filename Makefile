@@ -1,5 +1,5 @@
 # make demo   set everything up on a fresh machine, then run the demo
-# make reproduce  every claim of kdops/train/claims.py over 5 seeds, then docs/reproductions.md (~45 min, 2 cores)
+# make reproduce  every claim of kdops/train/claims.py over 5 seeds, then docs/reproductions.md (~25 min, 2 cores)
 # make test   set everything up, then run the whole test suite
 # make build  (re)build the extension in place; make bench: the benchmarks and benchmarks/RESULTS.md
 SHELL := /bin/bash

@@ -14,7 +14,7 @@ from kdops.train.claims import CLAIMS
 TEXTS = ("source", "statement", "paper", "notes", "full_scale", "missing")
 
 COMMANDS = """```bash
-make reproduce                                   # every claim, 5 seeds, then this page (about 45 min on 2 cores)
+make reproduce                                   # every claim, 5 seeds, then this page (24 min from scratch, 2 idle cores)
 python -m kdops.train reproduce --list           # the claims
 python -m kdops.train reproduce fkd-ensemble --seeds 5 6 7 8 9 --out runs/fkd-ensemble-b   # one claim, other seeds
 python -m kdops.train reproduce kd-small-data --quick                  # smoke run: 1 seed, 1 epoch, no verdict
