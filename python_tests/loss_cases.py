@@ -64,6 +64,15 @@ def _fsp(z, ds, dt, dev, g):
     return [sp, tp], {}
 
 
+def _crd(z, ds, dt, dev, g):
+    # unit rows as CRD's embeddings and banks; column 0 of the index the positive, then k negatives
+    b, d, n, k = z["b"], z["d"], z["N"], z["k"]
+    anchor = torch.nn.functional.normalize(torch.randn((b, d), generator=g, dtype=torch.float64), dim=1)
+    memory = torch.nn.functional.normalize(torch.randn((n, d), generator=g, dtype=torch.float64), dim=1)
+    index = torch.randint(0, n, (b, k + 1), generator=g) if n > 0 else torch.zeros((b, k + 1), dtype=torch.long)
+    return [anchor.to(dev, ds), memory.to(dev, dt), index.to(dev)], {"temperature": 0.07}
+
+
 LOGITS = {"b": 9, "c": 13}
 MAPS = {"b": 4, "c": 6, "h": 5}
 FEATS = {"b": 11, "d": 7, "d2": 9}
@@ -112,6 +121,7 @@ CASES = {
         "joint_wasserstein",
         lambda z, ds, dt, dev, g: (_clouds(z, ds, dt, dev, g) + [_randn((z["n"], 4), ds, dev, g),
                                                                 _randn((z["m"], 4), dt, dev, g)], {}), CLOUDS),
+    "crd_nce_loss": Case("crd_nce_loss", _crd, {"b": 11, "d": 7, "k": 5, "N": 23}),
     "sinkhorn": Case("sinkhorn", lambda z, ds, dt, dev, g: (_clouds(z, ds, dt, dev, g), {"eps": 0.5}), CLOUDS),
 }
 

@@ -10,7 +10,7 @@ import pytest
 
 import kdops
 
-FAMILIES = ("kd", "feature", "relational", "distribution", "ot")
+FAMILIES = ("kd", "feature", "relational", "distribution", "ot", "contrastive")
 LAYERS = ("_ops", "functional", "nn", "reference")
 
 

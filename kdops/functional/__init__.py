@@ -7,11 +7,13 @@
 | ``relational`` | :mod:`kdops.functional.relational` | FKD, SP, RKD, PKT, CC, AT, NST, FSP and the Gram primitives |
 | ``distribution`` | :mod:`kdops.functional.distribution` | exact / Gaussian W2, Gaussian KL, MMD, class-conditional, joint |
 | ``ot`` | :mod:`kdops.functional.ot` | ``sinkhorn`` |
+| ``contrastive`` | :mod:`kdops.functional.contrastive` | ``crd_nce_loss`` (CRD) |
 
 Student first, teacher second, everywhere. Each module's docstring gives its family's conventions (rows,
 reductions, dtypes); each function's docstring its formula.
 """
 
+from kdops.functional.contrastive import CRD_REDUCTIONS, crd_nce_loss  # noqa: F401
 from kdops.functional.distribution import (  # noqa: F401
     class_conditional_wasserstein, gaussian_kl, gaussian_wasserstein, joint_wasserstein, mmd, wasserstein_exact)
 from kdops.functional.feature import FEATURE_REDUCTIONS, hint_loss, logsum_loss, margin_relu, partial_l2_loss  # noqa: F401

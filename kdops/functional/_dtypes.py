@@ -21,7 +21,8 @@
      in the input dtype, as ``F.kl_div`` does);
    - ``feature``: ``partial_l2_loss`` and ``logsum_loss`` fp32 for 16-bit maps (their sums of squares or powers
      overflow fp16), fp64 for fp64; ``margin_relu`` and ``hint_loss`` the promoted input dtype;
-   - ``relational``, ``distribution``, ``ot``: fp32 for 16-bit or fp32 inputs, fp64 when fp64 is involved.
+   - ``relational``, ``distribution``, ``ot``, ``contrastive``: fp32 for 16-bit or fp32 inputs, fp64 when fp64
+     is involved (CRD's exp(s / 0.07) exceeds the fp16 range).
 """
 
 import functools

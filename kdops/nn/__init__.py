@@ -2,6 +2,7 @@
 public class re-exported here. Modules that hold parameters (OFD's connectors, the FitNet regressor, the LogSum
 projector) are trained with the student."""
 
+from kdops.nn.contrastive import ClassNegativeSampler, CRDLoss  # noqa: F401
 from kdops.nn.distribution import (  # noqa: F401
     ClassConditionalWassersteinLoss, GaussianKLLoss, GaussianWassersteinLoss, JointWassersteinLoss, MMDLoss,
     WassersteinLoss)

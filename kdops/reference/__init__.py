@@ -3,6 +3,7 @@ module per family (the same names and signatures as :mod:`kdops.functional`), ev
 No fusion, no tricks: each is written the way the published code computes it.
 """
 
+from kdops.reference.contrastive import crd_nce_loss  # noqa: F401
 from kdops.reference.distribution import (  # noqa: F401
     class_conditional_wasserstein, gaussian_kl, gaussian_wasserstein, joint_wasserstein, mmd, wasserstein_exact)
 from kdops.reference.feature import hint_loss, logsum_loss, margin_relu, partial_l2_loss  # noqa: F401
