@@ -144,9 +144,9 @@ class Step(torch.nn.Module):
         super().__init__()
         self.student, self.distiller = student, distiller
 
-    def forward(self, x, teacher_outs, y, epoch):
+    def forward(self, x, teacher_outs, y, epoch, idx=None):
         out = self.student(x, features=True)
-        loss, ce, kd = self.distiller(out, teacher_outs, y, epoch)
+        loss, ce, kd = self.distiller(out, teacher_outs, y, epoch, idx)
         return loss, ce, kd, out.logits
 
 
@@ -372,7 +372,7 @@ def _train(args, rank, world, device):
         plain = student
         student = quantize.QATStudent(student, dataset.batch(dataset.x_train[:2].to(device)))
     probe = dataset.batch(dataset.x_train[:2].to(device))
-    distiller = methods.build_distiller(method, hp, student, teachers, probe, world).to(device)
+    distiller = methods.build_distiller(method, hp, student, teachers, probe, world, dataset.y_train).to(device)
     step = Step(student, distiller)
     if args.sync_bn and world > 1:  # converted with the method modules, so connector BatchNorms sync too
         step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
@@ -427,7 +427,7 @@ def _train(args, rank, world, device):
             with torch.no_grad():
                 t_outs = [t.outputs(idx.to(device)) if hasattr(t, "outputs") else t(x, features=True)
                           for t in teachers]
-            loss, ce, kd, logits = ddp(x, t_outs, y, epoch)
+            loss, ce, kd, logits = ddp(x, t_outs, y, epoch, idx.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -22,6 +22,8 @@ relational, feature-map and distribution-matching families would read, for examp
 ``distributed``: the loss accepts ``gather_distributed=True`` and gets it under DDP, so relational losses see the
 global batch. ``joint_teachers``: the loss takes a list of teacher features (an ensemble in one term) instead
 of the trainer averaging one term per teacher. ``trainable``: the term may hold parameters (checked).
+``indices``: the term keeps state per training sample (CRD's memory banks): it is built with the training labels
+(``Context.train_labels``) and called with the batch's indices in the training set, and it runs in one process.
 """
 
 import math
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from kdops import functional, reference
-from kdops.nn import OFDLoss, ProjectorLogSumLoss
+from kdops.nn import ClassNegativeSampler, CRDLoss, OFDLoss, ProjectorLogSumLoss
 from kdops.nn import margins_from_batchnorm
 
 OUTPUTS = ("logits", "pooled", "stages", "preact")
@@ -53,6 +55,7 @@ class Method:
     trainable: bool = False  # the term may hold trainable modules (connectors, projectors)
     joint_teachers: bool = False  # one term sees every teacher at once (lists) instead of a mean of per-teacher terms
     distributed: bool = False  # the loss accepts gather_distributed=True (relational losses over the global batch)
+    indices: bool = False  # the term reads the samples' training-set indices (per-sample state; one process)
     summary: str = ""
 
     def hparams(self, overrides):
@@ -83,6 +86,7 @@ class Context:
     hp: dict
     world_size: int = 1
     gather_distributed: bool = False
+    train_labels: torch.Tensor = None  # (N,) the training set's labels, for an ``indices`` method
 
 
 METHODS = {}
@@ -105,7 +109,8 @@ def get(name):
 
 
 class Term(nn.Module):
-    """One teacher's distillation term: forward(student_out, teacher_out, target, epoch) -> scalar."""
+    """One teacher's distillation term: forward(student_out, teacher_out, target, epoch) -> scalar (an
+    ``indices`` method's term: forward(student_out, teacher_out, target, epoch, idx))."""
 
     lib = functional
 
@@ -319,6 +324,58 @@ def pair_term(fn, output="pooled", arg_names=(), project=False, **kw):
     return lambda ctx: PairTerm(ctx, fn, output, arg_names, project, **kw)
 
 
+class CRDTerm(Term):
+    """CRD (Tian et al. 2020) on the penultimate features: :class:`kdops.nn.CRDLoss` (the two embeddings to
+    ``feat_dim``, the two N x feat_dim memory banks, the NCE normalisers fixed on the first batch and kept in the
+    checkpoint, the momentum update after scoring) with ``negatives`` other-class bank rows per sample from
+    :class:`kdops.nn.ClassNegativeSampler`, drawn from the global torch generator (seeded per epoch and saved in
+    the checkpoint, so a resumed run draws the same). ``negatives="auto"``: the published ratio, 16384 of
+    CIFAR-100's 50000 samples, i.e. round(0.32768 N), at most 16384 and at least 1."""
+
+    def __init__(self, ctx):
+        super().__init__()
+        hp, labels = ctx.hp, ctx.train_labels
+        if labels is None:
+            raise MethodError("crd needs the training set's labels and the samples' indices (kdops distill)")
+        n = len(labels)
+        k = hp["negatives"]
+        if k == "auto":
+            k = max(1, min(16384, round(n * 16384 / 50000)))
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise MethodError("crd: negatives must be an int >= 1 or \"auto\", got %r" % (k,))
+        if isinstance(hp["feat_dim"], bool) or not isinstance(hp["feat_dim"], int) or hp["feat_dim"] < 1:
+            raise MethodError("crd: feat_dim must be an int >= 1, got %r" % (hp["feat_dim"],))
+        d_s, d_t = ctx.student_out.pooled.shape[1], ctx.teacher_out.pooled.shape[1]
+        self.loss = CRDLoss(d_s, d_t, n, feat_dim=hp["feat_dim"], num_negatives=k, temperature=hp["temperature"],
+                            momentum=hp["momentum"])
+        self.sampler = ClassNegativeSampler(torch.as_tensor(labels))
+
+    def forward(self, s, t, y, epoch, idx):
+        contrast = self.sampler(idx, self.loss.num_negatives).to(idx.device)
+        fs, ft = s.pooled, t.pooled.to(s.pooled.dtype)
+        if self.lib is functional:
+            return self.loss(fs, ft, idx, contrast)
+        return self._published(fs, ft, idx, contrast)
+
+    def _published(self, fs, ft, idx, contrast):
+        """The same step as the published code computes it: gathered rows (:func:`kdops.reference.crd_nce_loss`),
+        Z from the first batch's mean, then the bank update."""
+        m = self.loss
+        v_s, v_t = m.embed(fs, ft)
+        total = 0.0
+        for v, memory, z in ((v_s, m.memory_teacher, m.z_student), (v_t, m.memory_student, m.z_teacher)):
+            if not z > 0:
+                with torch.no_grad():
+                    rows = memory.index_select(0, contrast.reshape(-1)).view(*contrast.shape, -1)
+                    z.copy_(torch.exp(torch.einsum("bkd,bd->bk", rows.double(), v.double()) / m.temperature).mean()
+                            * m.n_data)
+            total = total + self.lib.crd_nce_loss(v, memory, contrast, m.temperature, z.clone(), m.n_data, m.eps)
+        if m.training:
+            m._update(m.memory_student, idx, v_s)
+            m._update(m.memory_teacher, idx, v_t)
+        return total
+
+
 _KD_DEFAULTS = {"ce_weight": 0.1, "loss_weight": 0.9, "temperature": 4.0}
 
 register(Method("none", needs=(), build=lambda ctx: None, summary="the student alone (cross-entropy)"))
@@ -382,6 +439,11 @@ register(Method("at", needs=("stages",), build=pair_term("at_loss", "stages"), d
                 summary="attention transfer on every stage"))
 register(Method("fsp", needs=("stages",), build=FSPTerm, trainable=True, defaults={"loss_weight": 50.0},
                 summary="FSP matrices between consecutive stages (1x1 connectors where widths differ)"))
+register(Method("crd", needs=("pooled",), build=CRDTerm, trainable=True, indices=True,
+                defaults={"ce_weight": 1.0, "loss_weight": 0.8, "temperature": 0.07, "feat_dim": 128,
+                          "negatives": "auto", "momentum": 0.5},
+                summary="contrastive representation distillation: embeddings, two memory banks, NCE over other-class "
+                        "negatives (RepDistiller's weights 1 CE + 0.8 CRD; negatives=auto|K, feat_dim, momentum)"))
 register(Method("nst", needs=("stages",), build=pair_term("nst_loss", "stages"), defaults={"loss_weight": 50.0},
                 summary="neural selectivity transfer on every stage"))
 
@@ -390,19 +452,22 @@ class Distiller(nn.Module):
     """The trainer's objective: ce_weight * CE + loss_weight * the method's term, averaged over the teachers'
     terms (or one term given every teacher, for a ``joint_teachers`` method)."""
 
-    def __init__(self, method, hp, terms, joint=False):
+    def __init__(self, method, hp, terms, joint=False, indices=False):
         super().__init__()
-        self.method, self.hp, self.joint = method, hp, joint
+        self.method, self.hp, self.joint, self.indices = method, hp, joint, indices
         self.terms = nn.ModuleList(t for t in terms if t is not None)
 
-    def forward(self, student_out, teacher_outs, target, epoch):
+    def forward(self, student_out, teacher_outs, target, epoch, idx=None):
         ce = torch.nn.functional.cross_entropy(student_out.logits, target)
         if not len(self.terms):
             return self.hp["ce_weight"] * ce, ce, ce.new_zeros(())
+        if self.indices and idx is None:
+            raise ValueError("method %s needs the batch's indices in the training set (idx)" % self.method)
+        extra = (idx,) if self.indices else ()
         if self.joint:
-            kd = self.terms[0](student_out, list(teacher_outs), target, epoch)
+            kd = self.terms[0](student_out, list(teacher_outs), target, epoch, *extra)
         else:
-            kd = sum(term(student_out, t_out, target, epoch) for term, t_out in zip(self.terms, teacher_outs))
+            kd = sum(term(student_out, t_out, target, epoch, *extra) for term, t_out in zip(self.terms, teacher_outs))
             kd = kd / len(self.terms)
         return self.hp["ce_weight"] * ce + self.hp["loss_weight"] * kd, ce, kd
 
@@ -411,9 +476,13 @@ class Distiller(nn.Module):
             t.use_reference(on)
 
 
-def build_distiller(method, hp, student, teachers, probe, world_size=1):
+def build_distiller(method, hp, student, teachers, probe, world_size=1, train_labels=None):
     """The :class:`Distiller` for `method` with hyper-parameters `hp` (already checked by Method.hparams),
-    built from one probe forward of every model on `probe` (a small input batch)."""
+    built from one probe forward of every model on `probe` (a small input batch); `train_labels`: the (N,)
+    training labels, which an ``indices`` method needs."""
+    if method.indices and world_size > 1:
+        raise MethodError("method %s keeps per-sample state (memory banks) in one process; %d processes would each "
+                          "update their own copy: run it without torchrun" % (method.name, world_size))
     was = student.training
     student.eval()  # eval: the probe only reads shapes and must not touch BN statistics
     with torch.no_grad():
@@ -421,9 +490,10 @@ def build_distiller(method, hp, student, teachers, probe, world_size=1):
         t_outs = [teacher(probe, features=True) for teacher in teachers]
         gather = method.distributed and world_size > 1
         if method.joint_teachers:
-            contexts = [Context(student, list(teachers), s_out, t_outs, hp, world_size, gather)]
+            contexts = [Context(student, list(teachers), s_out, t_outs, hp, world_size, gather, train_labels)]
         else:
-            contexts = [Context(student, t, s_out, o, hp, world_size, gather) for t, o in zip(teachers, t_outs)]
+            contexts = [Context(student, t, s_out, o, hp, world_size, gather, train_labels)
+                        for t, o in zip(teachers, t_outs)]
         terms = []
         for ctx in contexts:
             term = method.build(ctx)
@@ -434,4 +504,4 @@ def build_distiller(method, hp, student, teachers, probe, world_size=1):
     student.train(was)
     if any(math.isnan(v) for v in hp.values() if isinstance(v, float)):
         raise MethodError("hyper-parameters must not be NaN: %s" % hp)
-    return Distiller(method.name, hp, terms, joint=method.joint_teachers)
+    return Distiller(method.name, hp, terms, joint=method.joint_teachers, indices=method.indices)
