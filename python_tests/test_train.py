@@ -279,8 +279,10 @@ def test_cross_dataset_transfer_with_feature_methods_only(tmp_path, capsys):
     assert "--teacher-dataset cifar100" in capsys.readouterr().err
 
 
-def test_resume_matches_an_uninterrupted_run(teacher, tmp_path):
-    args = ["distill", "--method", "ofd", "--teacher", teacher, "--model", "cnn-s", "--epochs", 3,
+@pytest.mark.parametrize("method", [["ofd"], ["crd", "--method-arg", "negatives=64"]], ids=lambda m: m[0])
+def test_resume_matches_an_uninterrupted_run(teacher, tmp_path, method):
+    # crd: its memory banks, normalisers and negatives (from the checkpointed generator) continue exactly too
+    args = ["distill", "--method", *method, "--teacher", teacher, "--model", "cnn-s", "--epochs", 3,
             "--lr-schedule", "step", *TINY]
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     run(*args, "--out", full)

@@ -1,5 +1,6 @@
 """CRD in the trainer: the other-class negative sampler, ``distill --method crd`` with its memory banks and
-normalisers in the checkpoint, resume, and the refusals (several processes, a cached teacher, bad settings)."""
+normalisers in the checkpoint (its resume is in test_train.py), the published step, and the refusals (several
+processes, a cached teacher, bad settings)."""
 
 import os
 
@@ -79,20 +80,6 @@ def test_crd_distils_and_checkpoints_its_banks(teacher, tmp_path):
         z = state["terms.0.loss.z_%s" % side]
         assert z > 0 and torch.equal(z, first["terms.0.loss.z_%s" % side])  # fixed on the first batch, kept
     assert not any(k.startswith("terms.0.sampler") for k in state)
-
-
-def test_crd_resume_matches_an_uninterrupted_run(teacher, tmp_path):
-    args = ["distill", "--method", "crd", "--teacher", teacher, "--model", "cnn-s", "--epochs", 2,
-            "--method-arg", "negatives=64", *TINY]
-    full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    run(*args, "--out", full)
-    run(*args, "--out", split, "--stop-after", 1)
-    run(*args, "--out", split, "--resume")
-    a, b = load_checkpoint(full), load_checkpoint(split)
-    for key in ("model_state", "distiller_state"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
 def test_crd_term_uses_the_published_step(teacher):
