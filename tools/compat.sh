@@ -56,7 +56,7 @@ repo=$PWD
 # about the torch version.
 COMPAT_TESTS=()
 for t in build layout dtypes kd kd_emulate mutual_kd partial_l2 logsum feature_overhaul relational relational_emulate \
-         distribution sinkhorn sinkhorn_emulate empty_inputs; do
+         distribution sinkhorn sinkhorn_emulate crd_nce fuzz_contrastive empty_inputs; do
     COMPAT_TESTS+=("$repo/python_tests/test_$t.py")
 done
 # Run from inside the install so that `import kdops` is the CPU-only build, never the checkout's in-place one.

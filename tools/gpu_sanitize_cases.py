@@ -5,8 +5,10 @@
 Every public loss of kdops.functional (the cases of python_tests/loss_cases.py, so a new loss is covered as
 soon as it has a case) in fp32 and bf16, plus the op variants those cases do not reach: KD rows masked by
 ignore_index, MMD's saved and recomputed weight blocks and its poly kernel, Sinkhorn's online backend and
-batched problems, partial L2 through its op pair, mutual learning with more peers than one register group. `--device cpu` runs the same calls on the CPU (the dry run
-of the GPU check keeps this list working there). Prints one line per call and exits non-zero if one raised.
+batched problems, partial L2 through its op pair, mutual learning with more peers than one register group,
+CRD's NCE loss over several work chunks per row and in bf16 with a given normaliser. `--device cpu` runs the
+same calls on the CPU (the dry run of the GPU check keeps this list working there). Prints one line per call
+and exits non-zero if one raised.
 """
 
 import argparse
@@ -72,9 +74,25 @@ def extra_calls(device):
         zs = [randn(4, 3, 300) for _ in range(11)]
         torch.autograd.grad(F.mutual_kd_loss(zs, temperature=3.0).sum(), zs)
 
+    def crd_bank(b, d, n, k, dtype):  # unit rows, as CRD's embeddings and banks
+        anchor = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+        memory = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+        index = torch.randint(0, n, (b, k + 1), generator=g).to(device)
+        return anchor.to(device=device, dtype=dtype).requires_grad_(), memory.to(device=device, dtype=dtype), index
+
+    def crd_many_chunks():  # k + 1 = 2001 index columns: several work chunks per row; Z formed from the batch
+        anchor, memory, index = crd_bank(5, 64, 3000, 2000, torch.float32)
+        torch.autograd.grad(F.crd_nce_loss(anchor, memory, index), anchor)
+
+    def crd_bf16_given_normalizer():  # bf16 anchor and bank (the bf16 kernels), a fixed Z, per-row losses
+        anchor, memory, index = crd_bank(6, 32, 500, 300, torch.bfloat16)
+        loss = F.crd_nce_loss(anchor, memory, index, normalizer=2.5e3, reduction="none")
+        torch.autograd.grad(loss.sum(), anchor)
+
     return {"kd masked rows": kd_masked, "kd wide rows bf16": kd_wide_rows, "mmd blocks": mmd_blocks,
             "sinkhorn backends": sinkhorn_backends, "partial_l2 op pair": partial_l2_ops,
-            "mutual_kd 11 peers": mutual_many_peers}
+            "mutual_kd 11 peers": mutual_many_peers, "crd_nce k=2000 batch normalizer": crd_many_chunks,
+            "crd_nce bf16 anchor given normalizer none": crd_bf16_given_normalizer}
 
 
 def main(argv=None):

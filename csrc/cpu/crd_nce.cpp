@@ -1,8 +1,8 @@
 // CPU kernel of CRD's NCE loss (kdops::crd_nce), the math in contrastive_math.h. The work is split into units of
 // one anchor row and a chunk of kCrdChunk index columns; each unit reads its memory rows in place (no gathered
-// copy), scores them, folds the loss terms and adds d(loss)/d(anchor) = sum_j dx_ij memory[index_ij] / T into a
-// partial of its own, and the partials are summed per row in a fixed order: the result does not depend on the
-// number of threads. The gradient is formed here, in the one pass over the memory rows, so the backward only
+// copy), scores them (in the accumulation type), folds the loss terms and adds d(loss)/d(anchor) =
+// sum_j dx_ij memory[index_ij] / T into a partial of its own (the sums over the k + 1 terms in double), and the
+// partials are summed per row in a fixed order: the result does not depend on the number of threads. The gradient is formed here, in the one pass over the memory rows, so the backward only
 // scales it (kdops/_ops/contrastive.py). When the normaliser is not yet set (<= 0), a first pass forms the
 // batch's log-sum-exp of the scores the same way.
 #include <ATen/Dispatch.h>
@@ -38,10 +38,12 @@ KDOPS_CPU_CLONES acc_t dot_row(const scalar_t* __restrict__ m, const acc_t* __re
   return s;
 }
 
-template <typename scalar_t, typename acc_t>
-KDOPS_CPU_CLONES void axpy_row(acc_t a, const scalar_t* __restrict__ m, acc_t* __restrict__ g, int64_t d) {
+// g += a * m with g in double: a row's gradient sums up to k + 1 terms of either sign (the positive's pull
+// against the negatives' push), which one after another in fp32 would lose k * 2^-24 of the largest of them.
+template <typename scalar_t>
+KDOPS_CPU_CLONES void axpy_row(double a, const scalar_t* __restrict__ m, double* __restrict__ g, int64_t d) {
 #pragma omp simd
-  for (int64_t c = 0; c < d; ++c) g[c] += a * static_cast<acc_t>(m[c]);
+  for (int64_t c = 0; c < d; ++c) g[c] += a * static_cast<double>(m[c]);
 }
 
 void check_index(const cn::CrdCall& c) {
@@ -93,62 +95,66 @@ void crd_nce_impl(cn::CrdCall& c, double temperature, int64_t n_data, double eps
     log_z_lo = static_cast<acc_t>(lz - static_cast<double>(log_z_hi));
     c.z_out.data_ptr<acc_t>()[0] = given;
   } else {
-    // log-sum-exp of every scaled score, as (max, sum of exp(x - max)) per unit, merged in unit order
-    std::vector<acc_t> mx(static_cast<size_t>(units)), sm(static_cast<size_t>(units));
+    // log-sum-exp of every scaled score, as (max, sum of exp(x - max)) per unit, merged in unit order; the sums
+    // in double (b (k + 1) terms)
+    std::vector<acc_t> mx(static_cast<size_t>(units));
+    std::vector<double> sm(static_cast<size_t>(units));
     at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         int64_t r, j0, j1;
         unit_range(u, r, j0, j1);
-        acc_t m = neg_inf<acc_t>(), s = 0;
+        acc_t m = neg_inf<acc_t>();
+        double s = 0;
         for (int64_t j = j0; j < j1; ++j) {
           const acc_t x = dot_row(memory + index[r * k1 + j] * d, v.data() + r * d, d) * k.inv_t;
           if (x > m) {
-            s = s * exp_(m - x) + acc_t(1);
+            s = s * static_cast<double>(exp_(m - x)) + 1.0;
             m = x;
           } else {
-            s += exp_(x - m);
+            s += static_cast<double>(exp_(x - m));
           }
         }
         mx[u] = m;
         sm[u] = s;
       }
     });
-    acc_t m = neg_inf<acc_t>(), s = 0;
+    acc_t m = neg_inf<acc_t>();
+    double s = 0;
     for (int64_t u = 0; u < units; ++u) {
       if (mx[u] > m) {
-        s = s * exp_(m - mx[u]) + sm[u];
+        s = s * static_cast<double>(exp_(m - mx[u])) + sm[u];
         m = mx[u];
       } else {
-        s += sm[u] * exp_(mx[u] - m);
+        s += sm[u] * static_cast<double>(exp_(mx[u] - m));
       }
     }
     // (b = 0: the normaliser stays unset, so that the next call sets it)
     log_z_hi = units ? m : acc_t(0);
-    log_z_lo = units ? std::log(s) + k.log_z_shift : acc_t(0);
+    log_z_lo = units ? static_cast<acc_t>(std::log(s) + static_cast<double>(k.log_z_shift)) : acc_t(0);
     c.z_out.data_ptr<acc_t>()[0] = units ? std::exp(log_z_hi + log_z_lo) : given;
   }
   if (b == 0) return;
 
-  std::vector<acc_t> loss_part(static_cast<size_t>(units));
-  std::vector<acc_t> grad_part(want_grad && chunks > 1 ? static_cast<size_t>(units * d) : 0);
+  std::vector<double> loss_part(static_cast<size_t>(units));
+  std::vector<double> grad_part(want_grad ? static_cast<size_t>(units * d) : 0);
   acc_t* grad = want_grad ? c.grad.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       int64_t r, j0, j1;
       unit_range(u, r, j0, j1);
       const acc_t* vr = v.data() + r * d;
-      acc_t* g = nullptr;
+      double* g = nullptr;
       if (want_grad) {
-        g = chunks > 1 ? grad_part.data() + u * d : grad + r * d;
-        std::fill(g, g + d, acc_t(0));
+        g = grad_part.data() + u * d;
+        std::fill(g, g + d, 0.0);
       }
-      acc_t total = 0;
+      double total = 0;
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* mj = memory + index[r * k1 + j] * d;
         const acc_t x = dot_row(mj, vr, d) * k.inv_t;
         const auto t = cn::entry_term((x - log_z_hi) - log_z_lo, k.log_a, k.log_a_over_c, j == 0);
-        total += t.value;
-        if (want_grad) axpy_row(t.dx * k.inv_t, mj, g, d);
+        total += static_cast<double>(t.value);
+        if (want_grad) axpy_row(static_cast<double>(t.dx * k.inv_t), mj, g, d);
       }
       loss_part[u] = total;
     }
@@ -156,15 +162,15 @@ void crd_nce_impl(cn::CrdCall& c, double temperature, int64_t n_data, double eps
   acc_t* loss = c.loss.data_ptr<acc_t>();
   at::parallel_for(0, b, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t s = 0;
+      double s = 0;
       for (int64_t q = 0; q < chunks; ++q) s += loss_part[r * chunks + q];
-      loss[r] = s;
-      if (want_grad && chunks > 1) {
+      loss[r] = static_cast<acc_t>(s);
+      if (want_grad) {
         acc_t* g = grad + r * d;
-        std::fill(g, g + d, acc_t(0));
-        for (int64_t q = 0; q < chunks; ++q) {
-          const acc_t* p = grad_part.data() + (r * chunks + q) * d;
-          for (int64_t e = 0; e < d; ++e) g[e] += p[e];
+        for (int64_t e = 0; e < d; ++e) {
+          double ge = 0;
+          for (int64_t q = 0; q < chunks; ++q) ge += grad_part[(r * chunks + q) * d + e];
+          g[e] = static_cast<acc_t>(ge);
         }
       }
     }

@@ -33,7 +33,9 @@ constexpr int kCrdChunk = 256;       // index columns per block
 constexpr int kMaxWarps = 8;
 constexpr int kFinalThreads = 256;
 constexpr int64_t kMaxGrid = 1 << 20;
-constexpr size_t kSharedBytes = 48 * 1024;
+// the dynamic gradient accumulators' budget: the 48 KiB a block may have without opting in, less room for the
+// kernel's static shared memory (kMaxWarps accumulators)
+constexpr size_t kSharedBytes = 48 * 1024 - 256;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -206,17 +208,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crd_nce_cuda(const at::Tensor& an
                                                             const at::Tensor& index, const at::Tensor& normalizer,
                                                             double temperature, int64_t n_data, double eps,
                                                             bool anchor_grad) {
+  const c10::cuda::CUDAGuard guard(anchor.device());
   auto c = cn::prepare_crd(anchor, memory, index, normalizer, temperature, n_data, eps, anchor_grad);
-  const c10::cuda::CUDAGuard guard(c.anchor.device());
   if (c.b == 0) {
     c.z_out.copy_(c.normalizer);  // no batch: the normaliser stays as it was (unset stays unset)
     return {c.loss, c.z_out, c.grad};
   }
   const size_t acc_size = c.acc == at::kDouble ? 8 : 4;
   const int64_t per_warp = std::max<int64_t>(c.d, 1) * static_cast<int64_t>(acc_size);
-  const int warps = static_cast<int>(std::min<int64_t>(kMaxWarps, static_cast<int64_t>(kSharedBytes) / per_warp));
-  TORCH_CHECK(warps >= 1, "kdops.crd_nce: on CUDA the width d must be at most ", kSharedBytes / acc_size,
-              " in ", c.acc, ", got ", c.d);
+  // without the gradient no shared accumulators are used, so any width runs
+  const int warps = anchor_grad ? static_cast<int>(std::min<int64_t>(kMaxWarps, static_cast<int64_t>(kSharedBytes) /
+                                                                                   per_warp))
+                                : kMaxWarps;
+  TORCH_CHECK(warps >= 1, "kdops.crd_nce: on CUDA the anchor's gradient needs the width d to be at most ",
+              kSharedBytes / acc_size, " in ", c.acc, ", got ", c.d);
   const int threads = 32 * warps;
   const int64_t chunks = (c.k1 + kCrdChunk - 1) / kCrdChunk;
   const int64_t units = c.b * chunks;

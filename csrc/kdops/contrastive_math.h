@@ -22,21 +22,22 @@ struct EntryTerm {
   T dx;     // its derivative with respect to the scaled score x = s / T
 };
 
-// u = log P - log a. softplus(u) = max(u, 0) + log1p(e), sigmoid(u) = 1 / (1 + e) or e / (1 + e), e = exp(-|u|).
+// u = log P - log a. softplus(u) = max(u, 0) + log1p(e), sigmoid(u) = 1 / (1 + e) or e / (1 + e), e = exp(-|u|);
+// each derivative is the one of the two sigmoids that needs no subtraction (1 - sigmoid would cancel for P >> a).
 template <typename T>
 KDOPS_HOST_DEVICE EntryTerm<T> entry_term(T log_p, T log_a, T log_a_over_c, bool positive) {
   const T u = log_p - log_a;
   const T au = u < T(0) ? -u : u;
   const T e = exp_(-au);
   const T l1p = log1p_unit_(e);  // e in (0, 1]
-  const T sig = u >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);  // P / (P + a)
+  const T hi = T(1) / (T(1) + e), lo = e / (T(1) + e);  // sigmoid(|u|), sigmoid(-|u|)
   EntryTerm<T> r;
   if (positive) {
     r.value = (u < T(0) ? -u : T(0)) + l1p;  // softplus(-u)
-    r.dx = sig - T(1);                       // -a / (P + a)
+    r.dx = u >= T(0) ? -lo : -hi;            // -a / (P + a) = -sigmoid(-u), never formed as P / (P + a) - 1
   } else {
     r.value = log_a_over_c + (u > T(0) ? u : T(0)) + l1p;
-    r.dx = sig;
+    r.dx = u >= T(0) ? hi : lo;  // P / (P + a) = sigmoid(u)
   }
   return r;
 }

@@ -80,9 +80,9 @@ def _crd_nce(name, anchor, memory, index, temperature, normalizer, n_data, eps, 
         z = normalizer.detach()
     else:
         check_positive(name, "normalizer", normalizer)
-        if normalizer > torch.finfo(acc).max:
-            raise ValueError("%s: normalizer must be at most %g (the %s range it is computed in), got %r"
-                             % (name, torch.finfo(acc).max, acc, normalizer))
+        if not torch.finfo(acc).tiny <= normalizer <= torch.finfo(acc).max:
+            raise ValueError("%s: normalizer must be in [%g, %g] (the normal range of the %s it is computed in), "
+                             "got %r" % (name, torch.finfo(acc).tiny, torch.finfo(acc).max, acc, normalizer))
         z = anchor.new_full((), float(normalizer), dtype=acc)
     anchor_grad = torch.is_grad_enabled() and anchor.requires_grad
     loss, z_used, _ = torch.ops.kdops.crd_nce(anchor, memory, index.long(), z, float(temperature), int(n_data),

@@ -104,7 +104,8 @@ class CRDLoss(nn.Module):
 
     def _update(self, memory, idx, v):
         idx = idx.long()
-        rows = memory.index_select(0, idx).mul_(self.momentum).add_(v.detach().to(memory.dtype), alpha=1 - self.momentum)
+        rows = memory.index_select(0, idx).mul_(self.momentum)
+        rows.add_(v.detach().to(memory.dtype), alpha=1 - self.momentum)
         memory.index_copy_(0, idx, Fn.normalize(rows, dim=1))
 
     def extra_repr(self):
