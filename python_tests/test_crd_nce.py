@@ -282,3 +282,14 @@ def test_module_uniform_negatives_and_bad_inputs():
         knn.CRDLoss(6, 10, n_data=0)
     with pytest.raises(RuntimeError, match="index values must be in"):
         crd(f_s, f_t, torch.tensor([1, 2, 40]))
+
+
+@pytest.mark.parametrize("b, d, anchor_grad", [(0, 5, True), (0, 5, False), (3, 0, True)])
+def test_raw_op_gradient_of_empty_shapes(b, d, anchor_grad):
+    # the op below the functional checks: an empty batch or width backpropagates a gradient of the anchor's shape
+    # (zeros: d = 0 scores every entry 0 and has no gradient entries)
+    anchor = torch.randn(b, d, requires_grad=True)
+    loss, _, _ = torch.ops.kdops.crd_nce(anchor, torch.randn(4, d), torch.zeros(b, 3, dtype=torch.long),
+                                         torch.ones(()), 0.07, 4, 1e-7, anchor_grad)
+    (grad,) = torch.autograd.grad(loss.sum(), anchor)
+    assert grad.shape == anchor.shape and grad.dtype == anchor.dtype

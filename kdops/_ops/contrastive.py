@@ -15,7 +15,7 @@ def _crd_nce_fake(anchor, memory, index, normalizer, temperature, n_data, eps, a
 def _crd_nce_setup_context(ctx, inputs, output):
     anchor = inputs[0]
     _, z, grad = output
-    ctx.anchor_dtype = anchor.dtype
+    ctx.anchor_dtype, ctx.anchor_shape = anchor.dtype, anchor.shape
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(z, grad)
     ctx.set_materialize_grads(False)
@@ -29,10 +29,10 @@ def _crd_nce_backward(ctx, grad_loss, _grad_z, _grad_g):
     rest = (None,) * (len(ctx.needs_input_grad) - 1)
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None,) + rest
-    if grad.numel() == 0 and grad_loss.numel() > 0:
-        raise RuntimeError("kdops.crd_nce: the anchor's gradient was not formed (anchor_grad=False in the call)")
-    if grad.numel() == 0:  # b == 0
-        return (grad.new_zeros((0, 0)).to(ctx.anchor_dtype),) + rest
+    if grad.dim() == 1:  # not formed (anchor_grad=False): only an empty batch has nothing to miss
+        if grad_loss.numel() > 0:
+            raise RuntimeError("kdops.crd_nce: the anchor's gradient was not formed (anchor_grad=False in the call)")
+        return (grad.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype),) + rest
     return ((grad_loss.to(grad.dtype).unsqueeze(-1) * grad).to(ctx.anchor_dtype),) + rest
 
 
