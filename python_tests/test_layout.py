@@ -10,7 +10,7 @@ import pytest
 
 import kdops
 
-FAMILIES = ("kd", "feature", "relational", "distribution", "ot", "contrastive")
+FAMILIES = ("kd", "feature", "relational", "distribution", "ot", "contrastive", "lm")
 LAYERS = ("_ops", "functional", "nn", "reference")
 
 

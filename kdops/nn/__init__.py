@@ -9,5 +9,6 @@ from kdops.nn.distribution import (  # noqa: F401
 from kdops.nn.feature import (  # noqa: F401
     FeatureHooks, HintLoss, OFDLoss, ProjectorLogSumLoss, margins_from_batchnorm)
 from kdops.nn.kd import DKDLoss, JSDLoss, KDLoss, MutualKDLoss, ReverseKDLoss  # noqa: F401
+from kdops.nn.lm import FusedLinearKDLoss, TopKKDLoss  # noqa: F401
 from kdops.nn.ot import SinkhornLoss  # noqa: F401
 from kdops.nn.relational import ATLoss, CCLoss, FKDLoss, FSPLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss  # noqa: F401

@@ -1,0 +1,409 @@
+// CPU row kernels of the lm family (kdops::fused_linear_kd, kdops::topk_kd), the math in lm_math.h and the chunk
+// loop in lm_host.h. Rows of a chunk are split across threads; each row is a few passes over its (V,) logits in
+// the accumulation dtype, which stay in L2: softcap / scale in place (only when asked), the maxima, the shifted
+// exp-sums (with the cross sum that gives KL and reverse KL their value in the same pass), for the other
+// divergences a pass of their sums, and the pass that overwrites the logits with their gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+#include "kdops/lm_host.h"
+#include "kdops/lm_math.h"
+
+namespace kdops {
+namespace cpu {
+namespace {
+
+using lm::Div;
+using lm::Params;
+using lm::Tail;
+
+template <typename acc_t>
+KDOPS_CPU_CLONES void transform_row(acc_t* x, int64_t n, acc_t scale, acc_t cap) {
+  if (cap > acc_t(0)) {
+    for (int64_t j = 0; j < n; ++j) x[j] = lm::transform(x[j], scale, cap);
+  } else if (scale != acc_t(1)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  }
+}
+
+template <typename acc_t>
+KDOPS_CPU_CLONES acc_t row_max(const acc_t* x, int64_t n) {
+  acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// Z_s, Z_t, Z_u and the cross sum of KL (CROSS = 1) or reverse KL (CROSS = 2) against the row maxima.
+template <int CROSS, bool U, typename acc_t>
+KDOPS_CPU_CLONES void row_sums(const acc_t* s, const acc_t* t, int64_t n, lm::RowStats<acc_t>& st, acc_t inv_t) {
+  const acc_t ms = st.ms, mt = st.mt;
+  acc_t zs = 0, zt = 0, zu = 0, cr = 0;
+#pragma omp simd reduction(+ : zs, zt, zu, cr)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t es = exp_((s[j] - ms) * inv_t);
+    const acc_t et = exp_((t[j] - mt) * inv_t);
+    zs += es;
+    zt += et;
+    if (U) zu += exp_(s[j] - ms);
+    if (CROSS == 1) cr += lm::pmul(et, (t[j] - s[j]) * inv_t);
+    if (CROSS == 2) cr += lm::pmul(es, (s[j] - t[j]) * inv_t);
+  }
+  st.zs = zs, st.zt = zt, st.zu = zu, st.cross = cr;
+}
+
+// Sums of v, a and b (the divergences without a closed form).
+template <Div D, typename acc_t>
+KDOPS_CPU_CLONES void row_terms(const acc_t* s, const acc_t* t, int64_t n, acc_t ms, acc_t ls, acc_t mt, acc_t lt,
+                                const Params<acc_t> kp, acc_t& sv, acc_t& sa, acc_t& sb) {
+  acc_t v_ = 0, a_ = 0, b_ = 0;
+  const acc_t inv_t = kp.inv_t;
+#pragma omp simd reduction(+ : v_, a_, b_)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t lq = (s[j] - ms) * inv_t - ls, lp = (t[j] - mt) * inv_t - lt;
+    acc_t v, a, b;
+    lm::terms<D>(lq, lp, exp_(lq), exp_(lp), kp, v, a, b);
+    v_ += v, a_ += a, b_ += b;
+  }
+  sv = v_, sa = a_, sb = b_;
+}
+
+// Overwrites s with d(row loss * w)/dz_s (and t with d/dz_t when GT). lu: log Z_u (U: the hard CE's own softmax).
+template <Div D, bool GT, bool U, typename acc_t>
+KDOPS_CPU_CLONES void row_grads(acc_t* s, acc_t* t, int64_t n, acc_t ms, acc_t ls, acc_t mt, acc_t lt, acc_t lu,
+                                acc_t sa, acc_t sb, acc_t w, const Params<acc_t> kp) {
+  const acc_t inv_t = kp.inv_t;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t fs = s[j], ft = t[j];
+    const acc_t lq = (fs - ms) * inv_t - ls, lp = (ft - mt) * inv_t - lt;
+    const acc_t q = exp_(lq), p = exp_(lp);
+    acc_t v, a, b;
+    lm::terms<D>(lq, lp, q, p, kp, v, a, b);
+    const acc_t su = U ? exp_(fs - ms - lu) : q;
+    s[j] = lm::student_grad(a, q, sa, su, fs, w, kp);
+    if (GT) t[j] = lm::teacher_grad(b, p, sb, ft, w, kp);
+  }
+}
+
+template <typename acc_t>
+KDOPS_CPU_CLONES void zero_row(acc_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] = acc_t(0);
+}
+
+int64_t rows_grain(int64_t v) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1));
+}
+
+template <Div D, typename acc_t>
+void kd_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
+  const bool u = kp.hard != acc_t(0) && kp.inv_t != acc_t(1);
+  const bool transform_s = kp.s_cap > acc_t(0) || kp.s_scale != acc_t(1);
+  const bool transform_t = kp.t_cap > acc_t(0) || kp.t_scale != acc_t(1);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, c.n, rows_grain(c.v), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* s = c.s + r * c.lds;
+      acc_t* t = c.t + r * c.ldt;
+      const int64_t V = c.v;
+      const int64_t y = c.target != nullptr ? c.target[r] : -1;
+      const bool ignored = c.target != nullptr && y == c.ignore_index;
+      if (!ignored && c.target != nullptr && (y < 0 || y >= V)) {
+        int64_t e = -1;
+        bad.compare_exchange_strong(e, r);
+        c.rows[r] = acc_t(0);
+        continue;
+      }
+      if (ignored) {
+        c.rows[r] = acc_t(0);
+        if (c.grad_s) zero_row(s, V);
+        if (c.grad_t) zero_row(t, V);
+        continue;
+      }
+      if (transform_s) transform_row(s, V, kp.s_scale, kp.s_cap);
+      if (transform_t) transform_row(t, V, kp.t_scale, kp.t_cap);
+      lm::RowStats<acc_t> st;
+      st.ms = row_max(s, V);
+      st.mt = row_max(t, V);
+      constexpr int cross = D == Div::KL ? 1 : (D == Div::ReverseKL ? 2 : 0);
+      if (u) row_sums<cross, true>(s, t, V, st, kp.inv_t); else row_sums<cross, false>(s, t, V, st, kp.inv_t);
+      const acc_t ls = log_(st.zs), lt = log_(st.zt);
+      const acc_t lu = u ? log_(st.zu) : ls;
+      acc_t value, sa, sb;
+      if constexpr (lm::has_closed_sums<D>()) {
+        value = lm::closed_value<D>(st, st.ms * kp.inv_t + ls, st.mt * kp.inv_t + lt);
+        lm::closed_sums<D>(value, sa, sb);
+      } else {
+        row_terms<D>(s, t, V, st.ms, ls, st.mt, lt, kp, value, sa, sb);
+        value = value > acc_t(0) ? value : acc_t(0);
+      }
+      acc_t row = kp.soft * value;
+      acc_t fy = 0;
+      if (y >= 0) {
+        fy = s[y];
+        if (kp.hard != acc_t(0)) row += kp.hard * (st.ms + lu - fy);  // lse of the untempered f_s minus f_s[y]
+      }
+      c.rows[r] = row;
+      if (!c.grad_s && !c.grad_t) continue;
+      const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
+      // lu is only read when U: the tempered sums are against ms * inv_t, the untempered against ms.
+      if (c.grad_t) {
+        if (u) row_grads<D, true, true>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+        else row_grads<D, true, false>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+      } else {
+        if (u) row_grads<D, false, true>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+        else row_grads<D, false, false>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+      }
+      if (y >= 0 && kp.hard != acc_t(0)) s[y] -= w * kp.hard * lm::transform_slope(fy, kp.s_scale, kp.s_cap);
+    }
+  });
+  const int64_t b = bad.load();
+  TORCH_CHECK(b < 0, "kdops.fused_linear_kd: target values must be in [0, ", c.v, ") (the kept vocabulary) or ",
+              "ignore_index (", c.ignore_index, "), got ", c.target[b], " at a token of the chunk");
+}
+
+template <typename acc_t>
+void kd_rows_any(Div d, lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
+  switch (d) {
+    case Div::KL: return kd_rows<Div::KL>(c, kp);
+    case Div::ReverseKL: return kd_rows<Div::ReverseKL>(c, kp);
+    case Div::JSD: return kd_rows<Div::JSD>(c, kp);
+    case Div::SkewKL: return kd_rows<Div::SkewKL>(c, kp);
+    case Div::SkewReverseKL: return kd_rows<Div::SkewReverseKL>(c, kp);
+    case Div::TVD: return kd_rows<Div::TVD>(c, kp);
+  }
+}
+
+// Z_s, Z_u and the exp-sum over the ids outside K (mask[j] = 0), against the row maximum.
+template <bool U, typename acc_t>
+KDOPS_CPU_CLONES void topk_sums(const acc_t* s, const uint8_t* mask, int64_t n, acc_t ms, acc_t inv_t, acc_t& zs,
+                                acc_t& zu, acc_t& zo) {
+  acc_t a = 0, b = 0, o = 0;
+#pragma omp simd reduction(+ : a, b, o)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = exp_((s[j] - ms) * inv_t);
+    a += e;
+    o += mask[j] ? acc_t(0) : e;
+    if (U) b += exp_(s[j] - ms);
+  }
+  zs = a, zu = b, zo = o;
+}
+
+// s = w (soft / T c_out q + hard su) df/dz over the whole row (the K ids are overwritten after).
+template <bool U, typename acc_t>
+KDOPS_CPU_CLONES void topk_dense(acc_t* s, int64_t n, acc_t ms, acc_t ls, acc_t lu, acc_t c_out, acc_t w,
+                                 const Params<acc_t> kp) {
+  const acc_t inv_t = kp.inv_t;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t f = s[j];
+    const acc_t q = exp_((f - ms) * inv_t - ls);
+    const acc_t su = U ? exp_(f - ms - lu) : q;
+    s[j] = w * (kp.soft * inv_t * c_out * q + kp.hard * su) * lm::transform_slope(f, kp.s_scale, kp.s_cap);
+  }
+}
+
+template <Tail TL, typename acc_t>
+void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
+  const bool u = kp.hard != acc_t(0) && kp.inv_t != acc_t(1);
+  const bool transform_s = kp.s_cap > acc_t(0) || kp.s_scale != acc_t(1);
+  const bool retemper = kp.mix != acc_t(1);
+  const int64_t K = c.k, V = c.v;
+  std::atomic<int64_t> bad_target{-1}, bad_id{-1}, dup_id{-1};
+  at::parallel_for(0, c.n, rows_grain(V), [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> mask(static_cast<size_t>(V), 0);
+    std::vector<acc_t> lp(static_cast<size_t>(K)), lq(static_cast<size_t>(K)), fk(static_cast<size_t>(K));
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t* s = c.s + r * c.lds;
+      const int64_t* ids = c.ids + r * K;
+      const acc_t* lps = c.lps + r * K;
+      const int64_t y = c.target != nullptr ? c.target[r] : -1;
+      const bool ignored = c.target != nullptr && y == c.ignore_index;
+      c.rows[r] = acc_t(0);
+      if (!ignored && c.target != nullptr && (y < 0 || y >= V)) {
+        int64_t e = -1;
+        bad_target.compare_exchange_strong(e, r);
+        continue;
+      }
+      if (ignored) {
+        if (c.grad_s) zero_row(s, V);
+        continue;
+      }
+      bool ok = true;
+      int64_t marked = 0;
+      for (; marked < K; ++marked) {
+        const int64_t id = ids[marked];
+        if (id < 0 || id >= V) {
+          int64_t e = -1;
+          bad_id.compare_exchange_strong(e, r);
+          ok = false;
+          break;
+        }
+        if (mask[id]) {
+          int64_t e = -1;
+          dup_id.compare_exchange_strong(e, r);
+          ok = false;
+          break;
+        }
+        mask[id] = 1;
+      }
+      if (!ok) {
+        for (int64_t i = 0; i < marked; ++i) mask[ids[i]] = 0;
+        continue;
+      }
+      if (transform_s) transform_row(s, V, kp.s_scale, kp.s_cap);
+      const acc_t ms = row_max(s, V);
+      acc_t zs, zu, zo;
+      if (u) topk_sums<true>(s, mask.data(), V, ms, kp.inv_t, zs, zu, zo);
+      else topk_sums<false>(s, mask.data(), V, ms, kp.inv_t, zs, zu, zo);
+      for (int64_t i = 0; i < K; ++i) mask[ids[i]] = 0;
+      const acc_t ls = log_(zs), lu = u ? log_(zu) : ls;
+      // The teacher's log-probs, re-tempered (p^r / Z over the K ids) when r != 1.
+      acc_t lmax = neg_inf<acc_t>();
+      for (int64_t i = 0; i < K; ++i) {
+        lp[i] = retemper ? kp.mix * lps[i] : lps[i];
+        lmax = max_of(lmax, lp[i]);
+      }
+      if (retemper && lmax != neg_inf<acc_t>()) {
+        acc_t z = 0;
+        for (int64_t i = 0; i < K; ++i) z += exp_(lp[i] - lmax);
+        const acc_t lz = lmax + log_(z);
+        for (int64_t i = 0; i < K; ++i) lp[i] -= lz;
+      }
+      acc_t P = 0, qmax = neg_inf<acc_t>();
+      for (int64_t i = 0; i < K; ++i) {
+        P += exp_(lp[i]);
+        fk[i] = s[ids[i]];
+        lq[i] = (fk[i] - ms) * kp.inv_t - ls;
+        qmax = max_of(qmax, lq[i]);
+      }
+      P = P < acc_t(1) ? P : acc_t(1);
+      const acc_t lP = P > acc_t(0) ? log_(P) : neg_inf<acc_t>();
+      acc_t lQ = 0;
+      if (TL == Tail::Renormalize) {
+        acc_t z = 0;
+        for (int64_t i = 0; i < K; ++i) z += exp_(lq[i] - qmax);
+        lQ = qmax + log_(z);
+      }
+      const acc_t R = zo / zs;  // the student's mass outside K, from its own sum (no 1 - Q cancellation)
+      acc_t value = 0, c_out = 0;
+      if (P > acc_t(0)) {
+        for (int64_t i = 0; i < K; ++i) {
+          const acc_t p = exp_(lp[i]);
+          if (TL == Tail::Renormalize) value += lm::pmul(p / P, (lp[i] - lP) - (lq[i] - lQ));
+          else value += lm::pmul(p, lp[i] - lq[i]);
+        }
+        if (TL == Tail::Zero) c_out = P;
+        if (TL == Tail::Bucket) {
+          const acc_t rest = acc_t(1) - P;
+          if (rest > acc_t(0)) value += rest * (log_(rest) - log_(R));
+          c_out = R > acc_t(0) ? acc_t(1) - rest / R : acc_t(1);
+        }
+        if (TL != Tail::Zero) value = value > acc_t(0) ? value : acc_t(0);
+      }
+      acc_t row = kp.soft * value;
+      acc_t fy = 0;
+      if (y >= 0) {
+        fy = s[y];
+        if (kp.hard != acc_t(0)) row += kp.hard * (ms + lu - fy);
+      }
+      c.rows[r] = row;
+      if (!c.grad_s) continue;
+      const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
+      if (u) topk_dense<true>(s, V, ms, ls, lu, c_out, w, kp);
+      else topk_dense<false>(s, V, ms, ls, lu, c_out, w, kp);
+      for (int64_t i = 0; i < K; ++i) {
+        const acc_t q = exp_(lq[i]);
+        acc_t soft = 0;
+        if (P > acc_t(0)) {
+          const acc_t p = exp_(lp[i]);
+          if (TL == Tail::Renormalize) soft = exp_(lq[i] - lQ) - p / P;
+          else if (TL == Tail::Zero) soft = P * q - p;
+          else soft = q - p;
+        }
+        const acc_t su = u ? exp_(fk[i] - ms - lu) : q;
+        s[ids[i]] = w * (kp.soft * kp.inv_t * soft + kp.hard * su) * lm::transform_slope(fk[i], kp.s_scale, kp.s_cap);
+      }
+      if (y >= 0 && kp.hard != acc_t(0)) s[y] -= w * kp.hard * lm::transform_slope(fy, kp.s_scale, kp.s_cap);
+    }
+  });
+  const int64_t bt = bad_target.load(), bi = bad_id.load(), bd = dup_id.load();
+  TORCH_CHECK(bt < 0, "kdops.topk_kd: target values must be in [0, ", V, ") (the kept vocabulary) or ignore_index (",
+              c.ignore_index, "), got ", bt < 0 ? 0 : c.target[bt]);
+  TORCH_CHECK(bi < 0, "kdops.topk_kd: teacher_ids must be in [0, ", V, ") (the kept vocabulary)");
+  TORCH_CHECK(bd < 0, "kdops.topk_kd: teacher_ids must name K distinct ids per token; a token repeats one");
+}
+
+template <typename acc_t>
+void topk_rows_any(Tail t, lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
+  switch (t) {
+    case Tail::Renormalize: return topk_rows<Tail::Renormalize>(c, kp);
+    case Tail::Zero: return topk_rows<Tail::Zero>(c, kp);
+    case Tail::Bucket: return topk_rows<Tail::Bucket>(c, kp);
+  }
+}
+
+lm::Outputs fused_linear_kd_cpu(const at::Tensor& sh, const at::Tensor& sw, const std::optional<at::Tensor>& sb,
+                                const std::optional<at::Tensor>& th, const std::optional<at::Tensor>& tw,
+                                const std::optional<at::Tensor>& tb, const std::optional<at::Tensor>& tl,
+                                const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& row_weight,
+                                int64_t divergence, double mix, double temperature, double soft, double hard,
+                                int64_t ignore_index, int64_t vocab_size, double s_cap, double t_cap, double s_scale,
+                                double t_scale, int64_t chunk_size, int64_t grad_mask) {
+  TORCH_CHECK(divergence >= 0 && divergence <= 5, "kdops.fused_linear_kd: divergence code must be in [0, 5], got ",
+              divergence);
+  lm::check_scalars("kdops.fused_linear_kd", temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
+  TORCH_CHECK(mix >= 0.0 && mix <= 1.0, "kdops.fused_linear_kd: beta / skew must be in [0, 1], got ", mix);
+  lm::Outputs out;
+  if (sh.scalar_type() == at::kDouble) {
+    const auto kp = lm::make_params<double>(mix, temperature, soft, hard, s_cap, t_cap, s_scale, t_scale);
+    out = lm::fused_linear_kd_run<double>(sh, sw, sb, th, tw, tb, tl, target, row_weight, kp, ignore_index,
+                                          vocab_size, chunk_size, grad_mask, [&](auto& c, const auto& k) {
+                                            kd_rows_any(static_cast<Div>(divergence), c, k);
+                                          });
+  } else {
+    const auto kp = lm::make_params<float>(mix, temperature, soft, hard, s_cap, t_cap, s_scale, t_scale);
+    out = lm::fused_linear_kd_run<float>(sh, sw, sb, th, tw, tb, tl, target, row_weight, kp, ignore_index,
+                                         vocab_size, chunk_size, grad_mask, [&](auto& c, const auto& k) {
+                                           kd_rows_any(static_cast<Div>(divergence), c, k);
+                                         });
+  }
+  return out;
+}
+
+lm::TopkOutputs topk_kd_cpu(const at::Tensor& sh, const at::Tensor& sw, const std::optional<at::Tensor>& sb,
+                            const at::Tensor& ids, const at::Tensor& lps, const std::optional<at::Tensor>& target,
+                            const std::optional<at::Tensor>& row_weight, int64_t tail, double retemper,
+                            double temperature, double soft, double hard, int64_t ignore_index, int64_t vocab_size,
+                            double s_cap, double s_scale, int64_t chunk_size, int64_t grad_mask) {
+  TORCH_CHECK(tail >= 0 && tail <= 2, "kdops.topk_kd: tail code must be in [0, 2], got ", tail);
+  lm::check_scalars("kdops.topk_kd", temperature, soft, hard, s_cap, 0.0, s_scale, 1.0, chunk_size);
+  TORCH_CHECK(std::isfinite(retemper) && retemper > 0.0, "kdops.topk_kd: the re-tempering ratio must be > 0, got ",
+              retemper);
+  if (sh.scalar_type() == at::kDouble) {
+    const auto kp = lm::make_params<double>(retemper, temperature, soft, hard, s_cap, 0.0, s_scale, 1.0);
+    return lm::topk_kd_run<double>(sh, sw, sb, ids, lps, target, row_weight, kp, ignore_index, vocab_size, chunk_size,
+                                   grad_mask, [&](auto& c, const auto& k) { topk_rows_any(static_cast<Tail>(tail), c, k); });
+  }
+  const auto kp = lm::make_params<float>(retemper, temperature, soft, hard, s_cap, 0.0, s_scale, 1.0);
+  return lm::topk_kd_run<float>(sh, sw, sb, ids, lps, target, row_weight, kp, ignore_index, vocab_size, chunk_size,
+                                grad_mask, [&](auto& c, const auto& k) { topk_rows_any(static_cast<Tail>(tail), c, k); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("fused_linear_kd", &fused_linear_kd_cpu);
+  m.impl("topk_kd", &topk_kd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace kdops

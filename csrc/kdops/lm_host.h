@@ -1,0 +1,337 @@
+// Host side of the lm family (kdops::fused_linear_kd and kdops::topk_kd), shared by the CPU and CUDA entry points:
+// checks, and the loop over token chunks. The loop is written once, in ATen calls that run on either device
+// (GEMMs through at::mm / addmm, so cuBLAS on CUDA), and calls the device's row kernel on each chunk's logits.
+// Nothing of size tokens x vocabulary is allocated: per chunk the student's (and teacher's) logits live in a
+// (chunk, V) buffer in the accumulation dtype, which the row kernel overwrites with the gradient of the chunk's
+// loss with respect to those logits; the hidden-state gradients of the chunk and the weight gradients (in the
+// accumulation dtype) follow from two GEMMs. 16-bit inputs are read through copies in the accumulation dtype
+// (the weight once per call, the hidden states per chunk), so no logit is ever rounded to 16 bits.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "kdops/lm_math.h"
+
+namespace kdops {
+namespace lm {
+
+// Bits of grad_mask: which inputs get a gradient.
+enum GradBit : int64_t {
+  kGradSH = 1, kGradSW = 2, kGradSB = 4, kGradTH = 8, kGradTW = 16, kGradTB = 32, kGradTL = 64
+};
+
+// One chunk as the row kernels see it: rows of the student's logits (in place: f on entry, d loss / dz on exit
+// when grad_s), of the teacher's (likewise with grad_t), targets and row weights (null: none), and the row
+// losses to write. The teacher pointer is null for top-k rows, which read ids and log-probs instead.
+template <typename acc_t>
+struct Chunk {
+  acc_t* s;
+  int64_t lds;
+  acc_t* t;
+  int64_t ldt;
+  int64_t n, v;
+  const int64_t* target;  // null: every row kept, no hard term
+  int64_t ignore_index;
+  const acc_t* w;         // null: weight 1
+  int64_t w_stride;       // 0 for a broadcast weight
+  acc_t* rows;            // (n,)
+  bool grad_s, grad_t;
+  const int64_t* ids;     // top-k only: (n, K)
+  const acc_t* lps;       // top-k only: (n, K)
+  int64_t k;
+};
+
+inline void check_matrix(const char* op, const char* name, const at::Tensor& t, int64_t cols, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.is_floating_point(), op, ": ", name, " must be a floating 2-d tensor ", what,
+              ", got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK(cols < 0 || t.size(1) == cols, op, ": ", name, " must have ", cols, " columns ", what, ", got ",
+              t.sizes());
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
+}
+
+inline void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& b, int64_t rows,
+                       const at::Tensor& ref) {
+  if (!b.has_value()) return;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == rows && b->is_floating_point(), op, ": ", name, " must be a floating (",
+              rows, ",) tensor, got ", b->sizes(), " ", b->scalar_type());
+  check_same(op, name, *b, ref);
+}
+
+template <typename acc_t>
+Params<acc_t> make_params(double mix, double temperature, double soft, double hard, double s_cap, double t_cap,
+                          double s_scale, double t_scale) {
+  Params<acc_t> k;
+  k.mix = acc_t(mix);
+  k.log_mix = mix > 0.0 ? acc_t(std::log(mix)) : neg_inf<acc_t>();
+  k.log_1m_mix = mix < 1.0 ? acc_t(std::log1p(-mix)) : neg_inf<acc_t>();
+  k.inv_t = acc_t(1.0 / temperature);
+  k.soft = acc_t(soft);
+  k.hard = acc_t(hard);
+  k.s_scale = acc_t(s_scale);
+  k.s_cap = acc_t(s_cap);
+  k.t_scale = acc_t(t_scale);
+  k.t_cap = acc_t(t_cap);
+  return k;
+}
+
+inline void check_scalars(const char* op, double temperature, double soft, double hard, double s_cap, double t_cap,
+                          double s_scale, double t_scale, int64_t chunk_size) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(std::isfinite(soft) && std::isfinite(hard), op, ": soft and hard weights must be finite, got ", soft,
+              " and ", hard);
+  TORCH_CHECK(std::isfinite(s_cap) && std::isfinite(t_cap), op, ": softcaps must be finite (<= 0: none), got ",
+              s_cap, " and ", t_cap);
+  TORCH_CHECK(std::isfinite(s_scale) && std::isfinite(t_scale), op, ": logit scales must be finite, got ", s_scale,
+              " and ", t_scale);
+  TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
+}
+
+// The row weights (n,) as a pointer and stride; an expanded (stride 0) weight stays unmaterialised.
+template <typename acc_t>
+std::pair<at::Tensor, int64_t> prepare_weight(const char* op, const std::optional<at::Tensor>& w, int64_t n,
+                                              const at::Tensor& ref, at::ScalarType acc) {
+  if (!w.has_value()) return {at::Tensor(), 0};
+  TORCH_CHECK(w->dim() == 1 && w->size(0) == n && w->is_floating_point(), op, ": row_weight must be a floating (",
+              n, ",) tensor, got ", w->sizes(), " ", w->scalar_type());
+  check_same(op, "row_weight", *w, ref);
+  at::Tensor t = w->to(acc);
+  if (t.stride(0) != 0) t = t.contiguous();
+  return {t, t.stride(0)};
+}
+
+inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc ? t.contiguous() : t.to(acc).contiguous();
+}
+
+inline at::Tensor empty0(const at::Tensor& ref, at::ScalarType acc) {
+  return at::empty({0}, ref.options().dtype(acc));
+}
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor>;
+
+// The chunk loop of fused_linear_kd. `rows_fn(Chunk<acc_t>&, const Params<acc_t>&)` is the device's row kernel.
+template <typename acc_t, typename RowsFn>
+Outputs fused_linear_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, const std::optional<at::Tensor>& sb_in,
+                            const std::optional<at::Tensor>& th_in, const std::optional<at::Tensor>& tw_in,
+                            const std::optional<at::Tensor>& tb_in, const std::optional<at::Tensor>& tl_in,
+                            const std::optional<at::Tensor>& target_in, const std::optional<at::Tensor>& w_in,
+                            const Params<acc_t>& k, int64_t ignore_index, int64_t vocab_size, int64_t chunk_size,
+                            int64_t grad_mask, RowsFn&& rows_fn) {
+  constexpr const char* op = "kdops.fused_linear_kd";
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  check_matrix(op, "student_hidden", sh_in, -1, "(tokens, Hs)");
+  check_matrix(op, "student_weight", sw_in, sh_in.size(1), "(V, Hs)");
+  check_same(op, "student_weight", sw_in, sh_in);
+  const int64_t N = sh_in.size(0), V = sw_in.size(0);
+  check_bias(op, "student_bias", sb_in, V, sh_in);
+  const bool t_gemm = th_in.has_value();
+  TORCH_CHECK(t_gemm != tl_in.has_value(), op, ": give either teacher_hidden and teacher_weight or teacher_logits");
+  int64_t Vt;
+  if (t_gemm) {
+    TORCH_CHECK(tw_in.has_value(), op, ": teacher_hidden needs teacher_weight");
+    check_matrix(op, "teacher_hidden", *th_in, -1, "(tokens, Ht)");
+    TORCH_CHECK(th_in->size(0) == N, op, ": teacher_hidden must have ", N, " rows (one per token), got ",
+                th_in->sizes());
+    check_matrix(op, "teacher_weight", *tw_in, th_in->size(1), "(Vt, Ht)");
+    check_same(op, "teacher_hidden", *th_in, sh_in);
+    check_same(op, "teacher_weight", *tw_in, sh_in);
+    Vt = tw_in->size(0);
+    check_bias(op, "teacher_bias", tb_in, Vt, sh_in);
+  } else {
+    TORCH_CHECK(!tw_in.has_value() && !tb_in.has_value(), op,
+                ": teacher_weight and teacher_bias go with teacher_hidden, not with teacher_logits");
+    check_matrix(op, "teacher_logits", *tl_in, -1, "(tokens, Vt)");
+    TORCH_CHECK(tl_in->size(0) == N, op, ": teacher_logits must have ", N, " rows, got ", tl_in->sizes());
+    check_same(op, "teacher_logits", *tl_in, sh_in);
+    Vt = tl_in->size(1);
+  }
+  const int64_t vs = vocab_size > 0 ? vocab_size : V;
+  TORCH_CHECK(vocab_size > 0 || V == Vt, op, ": the student's vocabulary (", V, ") and the teacher's (", Vt,
+              ") differ: pass vocab_size, the number of leading columns both share");
+  TORCH_CHECK(vs >= 1 && vs <= V && vs <= Vt, op, ": vocab_size must be in [1, min(V, Vt)] = [1, ", std::min(V, Vt),
+              "], got ", vs);
+  if (target_in.has_value()) {
+    TORCH_CHECK(target_in->dim() == 1 && target_in->size(0) == N && target_in->scalar_type() == at::kLong, op,
+                ": target must be int64 (", N, ",), got ", target_in->sizes(), " ", target_in->scalar_type());
+    check_same(op, "target", *target_in, sh_in);
+  }
+  TORCH_CHECK(k.hard == acc_t(0) || target_in.has_value(), op, ": hard_weight != 0 needs a target");
+  auto [w, w_stride] = prepare_weight<acc_t>(op, w_in, N, sh_in, acc);
+
+  const auto opts = sh_in.options().dtype(acc);
+  const bool grad_s = (grad_mask & (kGradSH | kGradSW | kGradSB)) != 0;
+  const bool grad_t = (grad_mask & (kGradTH | kGradTW | kGradTB | kGradTL)) != 0;
+  at::Tensor rows = at::empty({N}, opts);
+  at::Tensor g_sh = (grad_mask & kGradSH) ? at::empty({N, sh_in.size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_sw = (grad_mask & kGradSW) ? at::zeros({V, sw_in.size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_sb = (grad_mask & kGradSB) && sb_in.has_value() ? at::zeros({V}, opts) : empty0(sh_in, acc);
+  at::Tensor g_th = (grad_mask & kGradTH) && t_gemm ? at::empty({N, th_in->size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_tw = (grad_mask & kGradTW) && t_gemm ? at::zeros({Vt, tw_in->size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_tb = (grad_mask & kGradTB) && t_gemm && tb_in.has_value() ? at::zeros({Vt}, opts) : empty0(sh_in, acc);
+  at::Tensor g_tl = (grad_mask & kGradTL) && !t_gemm ? at::zeros({N, Vt}, opts) : empty0(sh_in, acc);
+  if (N == 0) return {rows.sum(), rows, g_sh, g_sw, g_sb, g_th, g_tw, g_tb, g_tl};
+
+  const at::Tensor sw = as_acc(sw_in.narrow(0, 0, vs), acc);
+  const at::Tensor sb = sb_in.has_value() ? as_acc(sb_in->narrow(0, 0, vs), acc) : at::Tensor();
+  at::Tensor tw, tb;
+  if (t_gemm) {
+    tw = as_acc(tw_in->narrow(0, 0, vs), acc);
+    if (tb_in.has_value()) tb = as_acc(tb_in->narrow(0, 0, vs), acc);
+  }
+  const at::Tensor target = target_in.has_value() ? target_in->contiguous() : at::Tensor();
+  const int64_t c = std::min(chunk_size, N);
+  at::Tensor buf_s = at::empty({c, vs}, opts);
+  at::Tensor buf_t = at::empty({c, vs}, opts);
+  for (int64_t r0 = 0; r0 < N; r0 += c) {
+    const int64_t n = std::min(c, N - r0);
+    at::Tensor S = buf_s.narrow(0, 0, n), T = buf_t.narrow(0, 0, n);
+    const at::Tensor hs = as_acc(sh_in.narrow(0, r0, n), acc);
+    if (sb.defined()) at::addmm_out(S, sb, hs, sw.t()); else at::mm_out(S, hs, sw.t());
+    at::Tensor ht;
+    if (t_gemm) {
+      ht = as_acc(th_in->narrow(0, r0, n), acc);
+      if (tb.defined()) at::addmm_out(T, tb, ht, tw.t()); else at::mm_out(T, ht, tw.t());
+    } else {
+      T.copy_(tl_in->narrow(0, r0, n).narrow(1, 0, vs));
+    }
+    Chunk<acc_t> ch;
+    ch.s = S.data_ptr<acc_t>();
+    ch.lds = vs;
+    ch.t = T.data_ptr<acc_t>();
+    ch.ldt = vs;
+    ch.n = n;
+    ch.v = vs;
+    ch.target = target.defined() ? target.data_ptr<int64_t>() + r0 : nullptr;
+    ch.ignore_index = ignore_index;
+    ch.w = w.defined() ? w.template data_ptr<acc_t>() + r0 * w_stride : nullptr;
+    ch.w_stride = w_stride;
+    ch.rows = rows.data_ptr<acc_t>() + r0;
+    ch.grad_s = grad_s;
+    ch.grad_t = grad_t;
+    ch.ids = nullptr;
+    ch.lps = nullptr;
+    ch.k = 0;
+    rows_fn(ch, k);
+    if (grad_mask & kGradSH) {
+      at::Tensor out = g_sh.narrow(0, r0, n);
+      at::mm_out(out, S, sw);
+    }
+    if (grad_mask & kGradSW) g_sw.narrow(0, 0, vs).addmm_(S.t(), hs);
+    if (g_sb.numel() > 0) g_sb.narrow(0, 0, vs).add_(S.sum(0));
+    if (g_th.numel() > 0) {
+      at::Tensor out = g_th.narrow(0, r0, n);
+      at::mm_out(out, T, tw);
+    }
+    if (g_tw.numel() > 0) g_tw.narrow(0, 0, vs).addmm_(T.t(), ht);
+    if (g_tb.numel() > 0) g_tb.narrow(0, 0, vs).add_(T.sum(0));
+    if (g_tl.numel() > 0) g_tl.narrow(0, r0, n).narrow(1, 0, vs).copy_(T);
+  }
+  at::Tensor total = w.defined() ? rows.mul(w).sum() : rows.sum();
+  return {total, rows, g_sh, g_sw, g_sb, g_th, g_tw, g_tb, g_tl};
+}
+
+using TopkOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The chunk loop of topk_kd: the student's logits per chunk, the teacher's K ids and log-probs read as given.
+template <typename acc_t, typename RowsFn>
+TopkOutputs topk_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, const std::optional<at::Tensor>& sb_in,
+                        const at::Tensor& ids_in, const at::Tensor& lps_in, const std::optional<at::Tensor>& target_in,
+                        const std::optional<at::Tensor>& w_in, const Params<acc_t>& k, int64_t ignore_index,
+                        int64_t vocab_size, int64_t chunk_size, int64_t grad_mask, RowsFn&& rows_fn) {
+  constexpr const char* op = "kdops.topk_kd";
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  check_matrix(op, "student_hidden", sh_in, -1, "(tokens, Hs)");
+  check_matrix(op, "student_weight", sw_in, sh_in.size(1), "(V, Hs)");
+  check_same(op, "student_weight", sw_in, sh_in);
+  const int64_t N = sh_in.size(0), V = sw_in.size(0);
+  check_bias(op, "student_bias", sb_in, V, sh_in);
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == N && ids_in.size(1) >= 1 && ids_in.scalar_type() == at::kLong,
+              op, ": teacher_ids must be int64 (", N, ", K) with K >= 1, got ", ids_in.sizes(), " ",
+              ids_in.scalar_type());
+  TORCH_CHECK(lps_in.sizes() == ids_in.sizes() && lps_in.is_floating_point(), op,
+              ": teacher_logprobs must be floating ", ids_in.sizes(), " like teacher_ids, got ", lps_in.sizes(), " ",
+              lps_in.scalar_type());
+  check_same(op, "teacher_ids", ids_in, sh_in);
+  check_same(op, "teacher_logprobs", lps_in, sh_in);
+  const int64_t vs = vocab_size > 0 ? vocab_size : V;
+  TORCH_CHECK(vs >= 1 && vs <= V, op, ": vocab_size must be in [1, V] = [1, ", V, "], got ", vs);
+  const int64_t K = ids_in.size(1);
+  TORCH_CHECK(K <= vs, op, ": teacher_ids has K = ", K, " ids per token, more than the vocabulary (", vs, ")");
+  if (target_in.has_value()) {
+    TORCH_CHECK(target_in->dim() == 1 && target_in->size(0) == N && target_in->scalar_type() == at::kLong, op,
+                ": target must be int64 (", N, ",), got ", target_in->sizes(), " ", target_in->scalar_type());
+    check_same(op, "target", *target_in, sh_in);
+  }
+  TORCH_CHECK(k.hard == acc_t(0) || target_in.has_value(), op, ": hard_weight != 0 needs a target");
+  auto [w, w_stride] = prepare_weight<acc_t>(op, w_in, N, sh_in, acc);
+
+  const auto opts = sh_in.options().dtype(acc);
+  const bool grad_s = (grad_mask & (kGradSH | kGradSW | kGradSB)) != 0;
+  at::Tensor rows = at::empty({N}, opts);
+  at::Tensor g_sh = (grad_mask & kGradSH) ? at::empty({N, sh_in.size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_sw = (grad_mask & kGradSW) ? at::zeros({V, sw_in.size(1)}, opts) : empty0(sh_in, acc);
+  at::Tensor g_sb = (grad_mask & kGradSB) && sb_in.has_value() ? at::zeros({V}, opts) : empty0(sh_in, acc);
+  if (N == 0) return {rows.sum(), rows, g_sh, g_sw, g_sb};
+
+  const at::Tensor sw = as_acc(sw_in.narrow(0, 0, vs), acc);
+  const at::Tensor sb = sb_in.has_value() ? as_acc(sb_in->narrow(0, 0, vs), acc) : at::Tensor();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor lps = as_acc(lps_in, acc);
+  const at::Tensor target = target_in.has_value() ? target_in->contiguous() : at::Tensor();
+  const int64_t c = std::min(chunk_size, N);
+  at::Tensor buf_s = at::empty({c, vs}, opts);
+  for (int64_t r0 = 0; r0 < N; r0 += c) {
+    const int64_t n = std::min(c, N - r0);
+    at::Tensor S = buf_s.narrow(0, 0, n);
+    const at::Tensor hs = as_acc(sh_in.narrow(0, r0, n), acc);
+    if (sb.defined()) at::addmm_out(S, sb, hs, sw.t()); else at::mm_out(S, hs, sw.t());
+    Chunk<acc_t> ch;
+    ch.s = S.data_ptr<acc_t>();
+    ch.lds = vs;
+    ch.t = nullptr;
+    ch.ldt = 0;
+    ch.n = n;
+    ch.v = vs;
+    ch.target = target.defined() ? target.data_ptr<int64_t>() + r0 : nullptr;
+    ch.ignore_index = ignore_index;
+    ch.w = w.defined() ? w.template data_ptr<acc_t>() + r0 * w_stride : nullptr;
+    ch.w_stride = w_stride;
+    ch.rows = rows.data_ptr<acc_t>() + r0;
+    ch.grad_s = grad_s;
+    ch.grad_t = false;
+    ch.ids = ids.data_ptr<int64_t>() + r0 * K;
+    ch.lps = lps.data_ptr<acc_t>() + r0 * K;
+    ch.k = K;
+    rows_fn(ch, k);
+    if (grad_mask & kGradSH) {
+      at::Tensor out = g_sh.narrow(0, r0, n);
+      at::mm_out(out, S, sw);
+    }
+    if (grad_mask & kGradSW) g_sw.narrow(0, 0, vs).addmm_(S.t(), hs);
+    if (g_sb.numel() > 0) g_sb.narrow(0, 0, vs).add_(S.sum(0));
+  }
+  at::Tensor total = w.defined() ? rows.mul(w).sum() : rows.sum();
+  return {total, rows, g_sh, g_sw, g_sb};
+}
+
+}  // namespace lm
+}  // namespace kdops

@@ -1,0 +1,160 @@
+// Math of the language-model distillation family (fused lm_head + divergence, and top-k teachers).
+//
+// Every row kernel, CPU or CUDA, is built from these functions. A row is one token's logits over the kept
+// vocabulary: f = softcap(scale * z) (f = c tanh(scale z / c), or scale z without a cap), x = f_s / T for the
+// student, y = f_t / T for the teacher, log q = x - lse(x), log p = y - lse(y). Maxima are kept in units of f
+// and arguments formed as (f - m) / T, as in kd_math.h.
+//
+// Gradients: every divergence D(p, q) is written as per-class terms (v, a, b) with
+//   D = sum v,  dD/dx_k = a_k - q_k sum_j a_j,  dD/dy_k = b_k - p_k sum_j b_j,
+// that is a = q * dD/dq and b = p * dD/dp with the softmax Jacobian applied by the caller. Constants that the
+// Jacobian cancels (the "+1" of d(p log p)/dp) are left out of a and b, which keeps the sums small and exact.
+#pragma once
+
+#include "kdops/common.h"
+
+namespace kdops {
+namespace lm {
+
+enum class Div : int { KL = 0, ReverseKL = 1, JSD = 2, SkewKL = 3, SkewReverseKL = 4, TVD = 5 };
+enum class Tail : int { Renormalize = 0, Zero = 1, Bucket = 2 };
+
+template <typename acc_t>
+struct Params {
+  acc_t mix;             // JSD: beta (the teacher's weight in M); skew: lambda
+  acc_t log_mix, log_1m_mix;
+  acc_t inv_t;           // 1 / T
+  acc_t soft;            // soft_weight, times T^2 with scale_t2
+  acc_t hard;            // hard_weight (CE of f_s against the target, untempered)
+  acc_t s_scale, s_cap;  // cap <= 0: no softcap
+  acc_t t_scale, t_cap;
+};
+
+template <typename T>
+KDOPS_HOST_DEVICE T tanh_(T x) {
+  return ::tanh(x);
+}
+
+// f(z) = cap * tanh(scale * z / cap), or scale * z without a cap.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t transform(acc_t z, acc_t scale, acc_t cap) {
+  return cap > acc_t(0) ? cap * tanh_(scale * z / cap) : scale * z;
+}
+
+// df/dz from f itself (the buffers hold f, not z): scale * (1 - (f / cap)^2).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t transform_slope(acc_t f, acc_t scale, acc_t cap) {
+  if (!(cap > acc_t(0))) return scale;
+  const acc_t r = f / cap;
+  return scale * (acc_t(1) - r * r);
+}
+
+// p * u with p = 0 giving 0 (u may be -inf or NaN where the probability underflowed).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t pmul(acc_t p, acc_t u) {
+  return p > acc_t(0) ? p * u : acc_t(0);
+}
+
+// The terms (v, a, b) of one class; lq, lp are the log-probabilities, q, p their exponentials.
+template <Div D, typename acc_t>
+KDOPS_HOST_DEVICE void terms(acc_t lq, acc_t lp, acc_t q, acc_t p, const Params<acc_t>& k, acc_t& v, acc_t& a,
+                             acc_t& b) {
+  if (D == Div::KL) {  // KL(P || Q)
+    v = pmul(p, lp - lq);
+    a = -p;
+    b = v;
+  } else if (D == Div::ReverseKL) {  // KL(Q || P)
+    v = pmul(q, lq - lp);
+    a = v;
+    b = -q;
+  } else if (D == Div::JSD) {  // beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
+    const acc_t lm = logaddexp_(k.log_mix + lp, k.log_1m_mix + lq);
+    a = (acc_t(1) - k.mix) * pmul(q, lq - lm);
+    b = k.mix * pmul(p, lp - lm);
+    v = a + b;
+  } else if (D == Div::SkewKL) {  // KL(P || lambda P + (1 - lambda) Q)
+    const acc_t lm = logaddexp_(k.log_mix + lp, k.log_1m_mix + lq);
+    v = pmul(p, lp - lm);
+    a = -(acc_t(1) - k.mix) * pmul(p, exp_(lq - lm));
+    b = v - k.mix * pmul(p, exp_(lp - lm));
+  } else if (D == Div::SkewReverseKL) {  // KL(Q || lambda Q + (1 - lambda) P)
+    const acc_t lm = logaddexp_(k.log_mix + lq, k.log_1m_mix + lp);
+    v = pmul(q, lq - lm);
+    a = v - k.mix * pmul(q, exp_(lq - lm));
+    b = -(acc_t(1) - k.mix) * pmul(q, exp_(lp - lm));
+  } else {  // TVD: 1/2 sum |p - q|
+    const acc_t d = p - q;
+    v = acc_t(0.5) * (d > acc_t(0) ? d : -d);
+    const acc_t sg = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0));
+    a = acc_t(-0.5) * sg * q;
+    b = acc_t(0.5) * sg * p;
+  }
+}
+
+// Sums of a and b known in closed form (so that the student gradient of KL is q - p exactly, and the teacher
+// gradient of reverse KL p - q): returns true and sets the known one(s).
+template <Div D, typename acc_t>
+KDOPS_HOST_DEVICE void closed_sums(acc_t value, acc_t& sa, acc_t& sb) {
+  if (D == Div::KL) {
+    sa = acc_t(-1);
+    sb = value;
+  } else if (D == Div::ReverseKL) {
+    sa = value;
+    sb = acc_t(-1);
+  }
+}
+
+template <Div D>
+KDOPS_HOST_DEVICE constexpr bool has_closed_sums() {
+  return D == Div::KL || D == Div::ReverseKL;
+}
+
+// Per-row statistics (units of f): maxima and the sums Z = sum exp((f - m) / T); zu = sum exp(f_s - m_s)
+// (the untempered student, for the hard CE when T != 1); cross = sum e_t (y - x) (KL) or sum e_s (x - y)
+// (reverse KL), from which the value follows without a second pass.
+template <typename acc_t>
+struct RowStats {
+  acc_t ms, mt, zs, zt, zu, cross;
+};
+
+// log-sum-exps of the row from its stats.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t lse_of(acc_t m, acc_t z, acc_t inv_t) {
+  return m * inv_t + log_(z);
+}
+
+// The divergence value from the one-pass cross sum (KL, reverse KL only), never negative.
+template <Div D, typename acc_t>
+KDOPS_HOST_DEVICE acc_t closed_value(const RowStats<acc_t>& s, acc_t lse_s, acc_t lse_t) {
+  acc_t v = D == Div::KL ? s.cross / s.zt - (lse_t - lse_s) : s.cross / s.zs - (lse_s - lse_t);
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// The gradient of the row's loss with respect to the raw student logit z_k: the soft term's
+// (soft / T) (a_k - q_k sum a), plus the hard CE's hard * softmax(f_s)_k (the one-hot part is the caller's),
+// times the row weight and df/dz.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t student_grad(acc_t a, acc_t q, acc_t sa, acc_t su, acc_t f, acc_t w, const Params<acc_t>& k) {
+  return w * (k.soft * k.inv_t * (a - q * sa) + k.hard * su) * transform_slope(f, k.s_scale, k.s_cap);
+}
+
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t teacher_grad(acc_t b, acc_t p, acc_t sb, acc_t f, acc_t w, const Params<acc_t>& k) {
+  return w * k.soft * k.inv_t * (b - p * sb) * transform_slope(f, k.t_scale, k.t_cap);
+}
+
+// ---- top-k teachers ----
+// The teacher gives K ids and log-probabilities lp_i (re-tempered p^r / Z over the K ids when r = T_g / T != 1).
+// Student log q_i = x_id - lse_V(x). With P = sum_K p, Q = sum_K q and R = 1 - Q = sum over the other ids:
+//   renormalize: KL(p / P || q / Q) over K; d/dx_id = q_i / Q - p_i / P, 0 elsewhere.
+//   zero:        sum_K p (log p - log q);    d/dx_k = P q_k - p_k [k in K].
+//   bucket:      zero + (1 - P) log((1 - P) / R); d/dx_k = q_k - p_k (k in K), q_k (1 - (1 - P) / R) otherwise.
+// The soft gradient outside K is therefore c_out * q_k with c_out = 0, P or 1 - (1 - P) / R.
+template <typename acc_t>
+struct TopkRow {
+  acc_t value;  // the soft divergence of the row
+  acc_t c_out;  // coefficient of q_k outside K
+};
+
+}  // namespace lm
+}  // namespace kdops
