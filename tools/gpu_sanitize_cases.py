@@ -89,10 +89,31 @@ def extra_calls(device):
         loss = F.crd_nce_loss(anchor, memory, index, normalizer=2.5e3, reduction="none")
         torch.autograd.grad(loss.sum(), anchor)
 
+    def lm_fused_all_divergences():  # several chunks, ignored rows, softcap, hard CE, teacher gradients
+        sh, sw, th, tw = randn(37, 16).requires_grad_(), randn(301, 16).requires_grad_(), randn(37, 24), randn(320, 24)
+        th.requires_grad_(), tw.requires_grad_()
+        target = torch.randint(0, 301, (37,), generator=g).to(device)
+        target[:5] = -100
+        for div in F.LM_DIVERGENCES:
+            loss = F.fused_linear_kd_loss(sh, sw, th, tw, target=target, divergence=div, temperature=2.0,
+                                          hard_weight=0.5, vocab_size=301, student_softcap=30.0, chunk_size=8)
+            torch.autograd.grad(loss, (sh, sw, th, tw))
+        rows = F.fused_linear_kd_loss(sh, sw, th, tw, vocab_size=301, reduction="none", chunk_size=16)
+        torch.autograd.grad(rows.sum(), (sh, sw))
+
+    def lm_topk_tails():
+        sh, sw = randn(29, 16).requires_grad_(), randn(203, 16).requires_grad_()
+        ids = torch.stack([torch.randperm(203, generator=g)[:12] for _ in range(29)]).to(device)
+        lps = torch.log_softmax(randn(29, 40), -1)[:, :12]
+        for tail in F.TOPK_TAILS:
+            loss = F.topk_kd_loss(sh, sw, ids, lps, tail=tail, teacher_temperature=0.7, temperature=1.3, chunk_size=8)
+            torch.autograd.grad(loss, (sh, sw))
+
     return {"kd masked rows": kd_masked, "kd wide rows bf16": kd_wide_rows, "mmd blocks": mmd_blocks,
             "sinkhorn backends": sinkhorn_backends, "partial_l2 op pair": partial_l2_ops,
             "mutual_kd 11 peers": mutual_many_peers, "crd_nce k=2000 batch normalizer": crd_many_chunks,
-            "crd_nce bf16 anchor given normalizer none": crd_bf16_given_normalizer}
+            "crd_nce bf16 anchor given normalizer none": crd_bf16_given_normalizer,
+            "lm fused all divergences": lm_fused_all_divergences, "lm topk tails": lm_topk_tails}
 
 
 def main(argv=None):

@@ -36,7 +36,8 @@ def _fused_linear_kd_fake(sh, sw, sb, th, tw, tb, tl, target, row_weight, diverg
     grads = _grad_shapes((sh, sw, sb, th, tw, tb, tl), _FLK_BITS, grad_mask, acc)
     # th present means the teacher GEMM path: tl's slot holds nothing, and the reverse.
     if th is None:
-        grads[3] = grads[4] = grads[5] = sh.new_empty((0,), dtype=acc)
+        # (three distinct tensors: the real kernel's outputs never alias each other)
+        grads[3], grads[4], grads[5] = (sh.new_empty((0,), dtype=acc) for _ in range(3))
     return (sh.new_empty((), dtype=acc), sh.new_empty((sh.shape[0],), dtype=acc), *grads)
 
 

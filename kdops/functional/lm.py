@@ -96,7 +96,7 @@ def _chunk(name, chunk_size, n, row_bytes, device):
     budget = _CPU_CHUNK_BYTES
     if device.type == "cuda":
         budget = _CUDA_CHUNK_BYTES
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
             free, _ = torch.cuda.mem_get_info(device)
             budget = min(budget, free // 8)
     c = max(1, budget // max(row_bytes, 1))
