@@ -73,6 +73,23 @@ def _crd(z, ds, dt, dev, g):
     return [anchor.to(dev, ds), memory.to(dev, dt), index.to(dev)], {"temperature": 0.07}
 
 
+def _lm(z, ds, dt, dev, g):
+    # hidden states (b, d) and (b, d2), lm_head weights (c, d) and (c, d2) in fp32; chunks of 4 tokens
+    b, d, d2, c = z["b"], z["d"], z["d2"], z["c"]
+    args = [_randn((b, d), ds, dev, g), _randn((c, d), torch.float32, dev, g, 0.5), _randn((b, d2), dt, dev, g),
+            _randn((c, d2), torch.float32, dev, g, 0.5)]
+    return args, {"chunk_size": 4, "temperature": 2.0}
+
+
+def _topk(z, ds, dt, dev, g):
+    b, d, c, k = z["b"], z["d"], z["c"], z["k"]
+    ids = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b)]) if c >= k and b > 0 else \
+        torch.zeros((b, k), dtype=torch.long)
+    lps = torch.log_softmax(torch.randn((b, c), generator=g, dtype=torch.float64), -1)[:, :k]
+    return [_randn((b, d), ds, dev, g), _randn((c, d), torch.float32, dev, g, 0.5), ids.to(dev),
+            lps.to(dev, torch.float32)], {"chunk_size": 4, "tail": "bucket"}
+
+
 LOGITS = {"b": 9, "c": 13}
 MAPS = {"b": 4, "c": 6, "h": 5}
 FEATS = {"b": 11, "d": 7, "d2": 9}
@@ -122,6 +139,8 @@ CASES = {
         lambda z, ds, dt, dev, g: (_clouds(z, ds, dt, dev, g) + [_randn((z["n"], 4), ds, dev, g),
                                                                 _randn((z["m"], 4), dt, dev, g)], {}), CLOUDS),
     "crd_nce_loss": Case("crd_nce_loss", _crd, {"b": 11, "d": 7, "k": 5, "N": 23}),
+    "fused_linear_kd_loss": Case("fused_linear_kd_loss", _lm, {"b": 9, "d": 7, "d2": 9, "c": 13}, teacher=2),
+    "topk_kd_loss": Case("topk_kd_loss", _topk, {"b": 9, "d": 7, "c": 13, "k": 5}, teacher=-1),
     "sinkhorn": Case("sinkhorn", lambda z, ds, dt, dev, g: (_clouds(z, ds, dt, dev, g), {"eps": 0.5}), CLOUDS),
 }
 

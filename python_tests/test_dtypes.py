@@ -19,7 +19,7 @@ MIXED = [(BF16, F32), (F16, F32), (F32, BF16), (BF16, F16), (F32, F64), (F64, BF
 NAMES = sorted(CASES)
 # families whose result is in the accumulation dtype (fp32, or fp64 with an fp64 input) rather than the input's
 ACC_RESULT = {"partial_l2_loss", "logsum_loss"} | {
-    n for n in CASES if getattr(F, n).__module__.split(".")[-1] in ("relational", "distribution", "ot", "contrastive")}
+    n for n in CASES if getattr(F, n).__module__.split(".")[-1] in ("relational", "distribution", "ot", "contrastive", "lm")}
 
 
 # Losses not accurate to their compute dtype's epsilon, with the epsilon that bounds them: square roots of

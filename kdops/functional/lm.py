@@ -183,6 +183,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         raise ValueError("%s: student_weight must be (V, %d) to match student_hidden's width, got %s"
                          % (name, hs, tuple(student_weight.shape)))
     V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError("%s: student_weight has no rows (V = 0); the vocabulary needs at least one token" % name)
     if student_bias is not None:
         _float_tensor(name, "student_bias", student_bias, 1)
         if student_bias.shape[0] != V:
@@ -197,6 +199,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
             raise ValueError("%s: teacher_logits must be %s + (Vt,) (one row per token), got %s"
                              % (name, tuple(lead), tuple(teacher_logits.shape)))
         Vt = teacher_logits.shape[-1]
+        if Vt == 0:
+            raise ValueError("%s: teacher_logits has no columns (Vt = 0)" % name)
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("%s: the teacher is needed: teacher_hidden and teacher_weight, or teacher_logits" % name)
@@ -209,6 +213,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
             raise ValueError("%s: teacher_weight must be (Vt, %d) to match teacher_hidden's width, got %s"
                              % (name, teacher_hidden.shape[-1], tuple(teacher_weight.shape)))
         Vt = teacher_weight.shape[0]
+        if Vt == 0:
+            raise ValueError("%s: teacher_weight has no rows (Vt = 0)" % name)
         if teacher_bias is not None:
             _float_tensor(name, "teacher_bias", teacher_bias, 1)
             if teacher_bias.shape[0] != Vt:
@@ -305,6 +311,8 @@ def topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, 
         raise ValueError("%s: student_weight must be (V, %d) to match student_hidden's width, got %s"
                          % (name, hs, tuple(student_weight.shape)))
     V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError("%s: student_weight has no rows (V = 0); the vocabulary needs at least one token" % name)
     if student_bias is not None:
         _float_tensor(name, "student_bias", student_bias, 1)
         if student_bias.shape[0] != V:
