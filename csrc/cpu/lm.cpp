@@ -44,7 +44,7 @@ KDOPS_CPU_CLONES acc_t row_max(const acc_t* x, int64_t n) {
 // Z_s, Z_t, Z_u and the cross sum of KL (CROSS = 1) or reverse KL (CROSS = 2) against the row maxima.
 template <int CROSS, bool U, typename acc_t>
 KDOPS_CPU_CLONES void row_sums(const acc_t* s, const acc_t* t, int64_t n, lm::RowStats<acc_t>& st, acc_t inv_t) {
-  const acc_t ms = st.ms, mt = st.mt;
+  const acc_t ms = st.ms, mt = st.mt, d0 = st.d0;
   acc_t zs = 0, zt = 0, zu = 0, cr = 0;
 #pragma omp simd reduction(+ : zs, zt, zu, cr)
   for (int64_t j = 0; j < n; ++j) {
@@ -53,23 +53,32 @@ KDOPS_CPU_CLONES void row_sums(const acc_t* s, const acc_t* t, int64_t n, lm::Ro
     zs += es;
     zt += et;
     if (U) zu += exp_(s[j] - ms);
-    if (CROSS == 1) cr += lm::pmul(et, (t[j] - s[j]) * inv_t);
-    if (CROSS == 2) cr += lm::pmul(es, (s[j] - t[j]) * inv_t);
+    if (CROSS == 1) cr += lm::pmul(et, (t[j] - s[j]) * inv_t - d0);
+    if (CROSS == 2) cr += lm::pmul(es, (s[j] - t[j]) * inv_t - d0);
   }
   st.zs = zs, st.zt = zt, st.zu = zu, st.cross = cr;
 }
 
 // Sums of v, a and b (the divergences without a closed form).
+// The first index of a row's maximum (the caller knows the maximum).
+template <typename acc_t>
+int64_t first_of(const acc_t* x, int64_t n, acc_t m) {
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] == m) return j;
+  return 0;  // an all-NaN row: any index
+}
+
 template <Div D, typename acc_t>
 KDOPS_CPU_CLONES void row_terms(const acc_t* s, const acc_t* t, int64_t n, acc_t ms, acc_t ls, acc_t mt, acc_t lt,
-                                const Params<acc_t> kp, acc_t& sv, acc_t& sa, acc_t& sb) {
+                                acc_t izs, acc_t izt, const Params<acc_t> kp, acc_t& sv, acc_t& sa, acc_t& sb) {
   acc_t v_ = 0, a_ = 0, b_ = 0;
   const acc_t inv_t = kp.inv_t;
 #pragma omp simd reduction(+ : v_, a_, b_)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t lq = (s[j] - ms) * inv_t - ls, lp = (t[j] - mt) * inv_t - lt;
     acc_t v, a, b;
-    lm::terms<D>(lq, lp, exp_(lq), exp_(lp), kp, v, a, b);
+    lm::terms<D>(lq, lp, (s[j] - t[j]) * kp.inv_t, exp_((s[j] - ms) * inv_t) * izs, exp_((t[j] - mt) * inv_t) * izt, kp,
+                 v, a, b);
     v_ += v, a_ += a, b_ += b;
   }
   sv = v_, sa = a_, sb = b_;
@@ -78,15 +87,16 @@ KDOPS_CPU_CLONES void row_terms(const acc_t* s, const acc_t* t, int64_t n, acc_t
 // Overwrites s with d(row loss * w)/dz_s (and t with d/dz_t when GT). lu: log Z_u (U: the hard CE's own softmax).
 template <Div D, bool GT, bool U, typename acc_t>
 KDOPS_CPU_CLONES void row_grads(acc_t* s, acc_t* t, int64_t n, acc_t ms, acc_t ls, acc_t mt, acc_t lt, acc_t lu,
-                                acc_t sa, acc_t sb, acc_t w, const Params<acc_t> kp) {
+                                acc_t izs, acc_t izt, acc_t sa, acc_t sb, acc_t shift, acc_t w,
+                                const Params<acc_t> kp) {
   const acc_t inv_t = kp.inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t fs = s[j], ft = t[j];
     const acc_t lq = (fs - ms) * inv_t - ls, lp = (ft - mt) * inv_t - lt;
-    const acc_t q = exp_(lq), p = exp_(lp);
+    const acc_t q = exp_((fs - ms) * inv_t) * izs, p = exp_((ft - mt) * inv_t) * izt;
     acc_t v, a, b;
-    lm::terms<D>(lq, lp, q, p, kp, v, a, b);
+    lm::terms<D>(lq, lp, (fs - ft) * inv_t + shift, q, p, kp, v, a, b);
     const acc_t su = U ? exp_(fs - ms - lu) : q;
     s[j] = lm::student_grad(a, q, sa, su, fs, w, kp);
     if (GT) t[j] = lm::teacher_grad(b, p, sb, ft, w, kp);
@@ -133,16 +143,29 @@ void kd_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       lm::RowStats<acc_t> st;
       st.ms = row_max(s, V);
       st.mt = row_max(t, V);
+      st.d0 = st.shift = acc_t(0);
+      if (D == Div::KL) {
+        const int64_t j = first_of(t, V, st.mt);
+        st.d0 = (t[j] - s[j]) * kp.inv_t;
+        st.shift = st.d0;
+      } else if (D == Div::ReverseKL) {
+        const int64_t j = first_of(s, V, st.ms);
+        st.d0 = (s[j] - t[j]) * kp.inv_t;
+        st.shift = -st.d0;
+      }
       constexpr int cross = D == Div::KL ? 1 : (D == Div::ReverseKL ? 2 : 0);
       if (u) row_sums<cross, true>(s, t, V, st, kp.inv_t); else row_sums<cross, false>(s, t, V, st, kp.inv_t);
       const acc_t ls = log_(st.zs), lt = log_(st.zt);
+      // probabilities as e / Z: exp(x - lse) would carry the rounding of log Z into every q alike, a bias that the
+      // gradient's sums over the vocabulary (q - p summing to 0) do not cancel
+      const acc_t izs = acc_t(1) / st.zs, izt = acc_t(1) / st.zt;
       const acc_t lu = u ? log_(st.zu) : ls;
       acc_t value, sa, sb;
       if constexpr (lm::has_closed_sums<D>()) {
         value = lm::closed_value<D>(st, st.ms * kp.inv_t + ls, st.mt * kp.inv_t + lt);
-        lm::closed_sums<D>(value, sa, sb);
+        lm::closed_sums<D>(st, sa, sb);
       } else {
-        row_terms<D>(s, t, V, st.ms, ls, st.mt, lt, kp, value, sa, sb);
+        row_terms<D>(s, t, V, st.ms, ls, st.mt, lt, izs, izt, kp, value, sa, sb);
         value = value > acc_t(0) ? value : acc_t(0);
       }
       acc_t row = kp.soft * value;
@@ -156,11 +179,11 @@ void kd_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
       // lu is only read when U: the tempered sums are against ms * inv_t, the untempered against ms.
       if (c.grad_t) {
-        if (u) row_grads<D, true, true>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
-        else row_grads<D, true, false>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+        if (u) row_grads<D, true, true>(s, t, V, st.ms, ls, st.mt, lt, lu, izs, izt, sa, sb, st.shift, w, kp);
+        else row_grads<D, true, false>(s, t, V, st.ms, ls, st.mt, lt, lu, izs, izt, sa, sb, st.shift, w, kp);
       } else {
-        if (u) row_grads<D, false, true>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
-        else row_grads<D, false, false>(s, t, V, st.ms, ls, st.mt, lt, lu, sa, sb, w, kp);
+        if (u) row_grads<D, false, true>(s, t, V, st.ms, ls, st.mt, lt, lu, izs, izt, sa, sb, st.shift, w, kp);
+        else row_grads<D, false, false>(s, t, V, st.ms, ls, st.mt, lt, lu, izs, izt, sa, sb, st.shift, w, kp);
       }
       if (y >= 0 && kp.hard != acc_t(0)) s[y] -= w * kp.hard * lm::transform_slope(fy, kp.s_scale, kp.s_cap);
     }
@@ -182,32 +205,45 @@ void kd_rows_any(Div d, lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
   }
 }
 
-// Z_s, Z_u and the exp-sum over the ids outside K (mask[j] = 0), against the row maximum.
+// The maximum over the ids outside K (mask[j] = 0); -inf when there is none.
+template <typename acc_t>
+KDOPS_CPU_CLONES acc_t masked_max(const acc_t* s, const uint8_t* mask, int64_t n) {
+  acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = !mask[j] && s[j] > m ? s[j] : m;
+  return m;
+}
+
+// Z_s, Z_u against the row maximum ms, and the exp-sum over the ids outside K against their own maximum mo (so
+// that the tail mass keeps its digits, and its log stays finite, however small it is).
 template <bool U, typename acc_t>
-KDOPS_CPU_CLONES void topk_sums(const acc_t* s, const uint8_t* mask, int64_t n, acc_t ms, acc_t inv_t, acc_t& zs,
-                                acc_t& zu, acc_t& zo) {
+KDOPS_CPU_CLONES void topk_sums(const acc_t* s, const uint8_t* mask, int64_t n, acc_t ms, acc_t mo, acc_t inv_t,
+                                acc_t& zs, acc_t& zu, acc_t& zo) {
   acc_t a = 0, b = 0, o = 0;
+  const acc_t so = lm::finite_or_zero(mo);
 #pragma omp simd reduction(+ : a, b, o)
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t e = exp_((s[j] - ms) * inv_t);
-    a += e;
-    o += mask[j] ? acc_t(0) : e;
+    a += exp_((s[j] - ms) * inv_t);
+    o += mask[j] ? acc_t(0) : exp_((s[j] - so) * inv_t);
     if (U) b += exp_(s[j] - ms);
   }
   zs = a, zu = b, zo = o;
 }
 
-// s = w (soft / T c_out q + hard su) df/dz over the whole row (the K ids are overwritten after).
-template <bool U, typename acc_t>
-KDOPS_CPU_CLONES void topk_dense(acc_t* s, int64_t n, acc_t ms, acc_t ls, acc_t lu, acc_t c_out, acc_t w,
-                                 const Params<acc_t> kp) {
+// s = w (soft / T (c_out q + c_r q / R) + hard su) df/dz over the whole row (the K ids are overwritten after);
+// q / R = exp(log q - log R) is formed as such, so that a tail mass R below the float range costs nothing.
+template <bool U, bool BUCKET, typename acc_t>
+KDOPS_CPU_CLONES void topk_dense(acc_t* s, int64_t n, acc_t ms, acc_t ls, acc_t izs, acc_t lu, acc_t c_out,
+                                 acc_t c_r, acc_t log_r, acc_t w, const Params<acc_t> kp) {
   const acc_t inv_t = kp.inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t f = s[j];
-    const acc_t q = exp_((f - ms) * inv_t - ls);
+    const acc_t lq = (f - ms) * inv_t - ls;
+    const acc_t q = exp_((f - ms) * inv_t) * izs;
     const acc_t su = U ? exp_(f - ms - lu) : q;
-    s[j] = w * (kp.soft * inv_t * c_out * q + kp.hard * su) * lm::transform_slope(f, kp.s_scale, kp.s_cap);
+    const acc_t soft = BUCKET ? c_out * q + c_r * exp_(lq - log_r) : c_out * q;
+    s[j] = w * (kp.soft * inv_t * soft + kp.hard * su) * lm::transform_slope(f, kp.s_scale, kp.s_cap);
   }
 }
 
@@ -261,11 +297,12 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       }
       if (transform_s) transform_row(s, V, kp.s_scale, kp.s_cap);
       const acc_t ms = row_max(s, V);
+      const acc_t mo = TL == Tail::Bucket ? masked_max(s, mask.data(), V) : neg_inf<acc_t>();
       acc_t zs, zu, zo;
-      if (u) topk_sums<true>(s, mask.data(), V, ms, kp.inv_t, zs, zu, zo);
-      else topk_sums<false>(s, mask.data(), V, ms, kp.inv_t, zs, zu, zo);
+      if (u) topk_sums<true>(s, mask.data(), V, ms, mo, kp.inv_t, zs, zu, zo);
+      else topk_sums<false>(s, mask.data(), V, ms, mo, kp.inv_t, zs, zu, zo);
       for (int64_t i = 0; i < K; ++i) mask[ids[i]] = 0;
-      const acc_t ls = log_(zs), lu = u ? log_(zu) : ls;
+      const acc_t ls = log_(zs), lu = u ? log_(zu) : ls, izs = acc_t(1) / zs;
       // The teacher's log-probs, re-tempered (p^r / Z over the K ids) when r != 1.
       acc_t lmax = neg_inf<acc_t>();
       for (int64_t i = 0; i < K; ++i) {
@@ -287,14 +324,16 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       }
       P = P < acc_t(1) ? P : acc_t(1);
       const acc_t lP = P > acc_t(0) ? log_(P) : neg_inf<acc_t>();
-      acc_t lQ = 0;
+      acc_t lQ = 0, izq = 0;  // log Q, and 1 / sum_K exp(lq - qmax) for q_i / Q as e / Z
       if (TL == Tail::Renormalize) {
         acc_t z = 0;
         for (int64_t i = 0; i < K; ++i) z += exp_(lq[i] - qmax);
         lQ = qmax + log_(z);
+        izq = acc_t(1) / z;
       }
-      const acc_t R = zo / zs;  // the student's mass outside K, from its own sum (no 1 - Q cancellation)
-      acc_t value = 0, c_out = 0;
+      // log R, R the student's mass outside K, from its own sum (no 1 - Q cancellation)
+      const acc_t log_r = (lm::finite_or_zero(mo) - ms) * kp.inv_t + log_(zo) - ls;
+      acc_t value = 0, c_out = 0, c_r = 0;
       if (P > acc_t(0)) {
         for (int64_t i = 0; i < K; ++i) {
           const acc_t p = exp_(lp[i]);
@@ -302,10 +341,12 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
           else value += lm::pmul(p, lp[i] - lq[i]);
         }
         if (TL == Tail::Zero) c_out = P;
-        if (TL == Tail::Bucket) {
+        if (TL == Tail::Bucket && K == V) c_out = P;  // no id outside K: no rest bucket, the zero tail's terms
+        if (TL == Tail::Bucket && K < V) {
           const acc_t rest = acc_t(1) - P;
-          if (rest > acc_t(0)) value += rest * (log_(rest) - log_(R));
-          c_out = R > acc_t(0) ? acc_t(1) - rest / R : acc_t(1);
+          if (rest > acc_t(0)) value += rest * (log_(rest) - log_r);
+          c_out = acc_t(1);
+          c_r = -rest;
         }
         if (TL != Tail::Zero) value = value > acc_t(0) ? value : acc_t(0);
       }
@@ -318,15 +359,16 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       c.rows[r] = row;
       if (!c.grad_s) continue;
       const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
-      if (u) topk_dense<true>(s, V, ms, ls, lu, c_out, w, kp);
-      else topk_dense<false>(s, V, ms, ls, lu, c_out, w, kp);
+      constexpr bool bkt = TL == Tail::Bucket;
+      if (u) topk_dense<true, bkt>(s, V, ms, ls, izs, lu, c_out, c_r, log_r, w, kp);
+      else topk_dense<false, bkt>(s, V, ms, ls, izs, lu, c_out, c_r, log_r, w, kp);
       for (int64_t i = 0; i < K; ++i) {
-        const acc_t q = exp_(lq[i]);
+        const acc_t q = exp_((fk[i] - ms) * kp.inv_t) * izs;
         acc_t soft = 0;
         if (P > acc_t(0)) {
           const acc_t p = exp_(lp[i]);
-          if (TL == Tail::Renormalize) soft = exp_(lq[i] - lQ) - p / P;
-          else if (TL == Tail::Zero) soft = P * q - p;
+          if (TL == Tail::Renormalize) soft = exp_(lq[i] - qmax) * izq - p / P;
+          else if (TL == Tail::Zero || K == V) soft = P * q - p;
           else soft = q - p;
         }
         const acc_t su = u ? exp_(fk[i] - ms - lu) : q;

@@ -65,6 +65,7 @@ template <Div D, typename acc_t>
 __global__ void __launch_bounds__(kBlock) kd_rows_kernel(lm::Chunk<acc_t> c, Params<acc_t> kp) {
   __shared__ typename Reducer<acc_t>::BR::TempStorage tmp;
   __shared__ acc_t slot;
+  __shared__ int64_t arg;
   Reducer<acc_t> red{tmp, slot};
   const bool u = kp.hard != acc_t(0) && kp.inv_t != acc_t(1);
   const bool tr_s = kp.s_cap > acc_t(0) || kp.s_scale != acc_t(1);
@@ -92,28 +93,44 @@ __global__ void __launch_bounds__(kBlock) kd_rows_kernel(lm::Chunk<acc_t> c, Par
     ms = red.max(ms);  // the reductions' barriers also order the transform's writes before the reads below
     mt = red.max(mt);
     const acc_t fy = y >= 0 ? s[y] : acc_t(0);
+    acc_t d0 = 0, shift = 0;
+    if (D == Div::KL || D == Div::ReverseKL) {  // the log-ratio at a maximum (any one of tied maxima will do)
+      if (threadIdx.x == 0) arg = 0;
+      __syncthreads();
+      const acc_t* x = D == Div::KL ? t : s;
+      const acc_t m = D == Div::KL ? mt : ms;
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
+        if (x[j] == m) arg = j;
+      __syncthreads();
+      const int64_t j = arg;
+      d0 = D == Div::KL ? (t[j] - s[j]) * kp.inv_t : (s[j] - t[j]) * kp.inv_t;
+      shift = D == Div::KL ? d0 : -d0;
+      __syncthreads();
+    }
     acc_t zs = 0, zt = 0, zu = 0, cr = 0;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
       const acc_t es = exp_((s[j] - ms) * kp.inv_t), et = exp_((t[j] - mt) * kp.inv_t);
       zs += es;
       zt += et;
       if (u) zu += exp_(s[j] - ms);
-      if (D == Div::KL) cr += lm::pmul(et, (t[j] - s[j]) * kp.inv_t);
-      if (D == Div::ReverseKL) cr += lm::pmul(es, (s[j] - t[j]) * kp.inv_t);
+      if (D == Div::KL) cr += lm::pmul(et, (t[j] - s[j]) * kp.inv_t - d0);
+      if (D == Div::ReverseKL) cr += lm::pmul(es, (s[j] - t[j]) * kp.inv_t - d0);
     }
     lm::RowStats<acc_t> st{ms, mt, red.sum(zs), red.sum(zt), u ? red.sum(zu) : acc_t(0),
-                           lm::has_closed_sums<D>() ? red.sum(cr) : acc_t(0)};
+                           lm::has_closed_sums<D>() ? red.sum(cr) : acc_t(0), d0, shift};
     const acc_t ls = log_(st.zs), lt = log_(st.zt), lu = u ? log_(st.zu) : ls;
+    const acc_t izs = acc_t(1) / st.zs, izt = acc_t(1) / st.zt;  // q = e / Z (see cpu/lm.cpp)
     acc_t value, sa, sb;
     if (lm::has_closed_sums<D>()) {
       value = lm::closed_value<D>(st, ms * kp.inv_t + ls, mt * kp.inv_t + lt);
-      lm::closed_sums<D>(value, sa, sb);
+      lm::closed_sums<D>(st, sa, sb);
     } else {
       acc_t v_ = 0, a_ = 0, b_ = 0;
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
         const acc_t lq = (s[j] - ms) * kp.inv_t - ls, lp = (t[j] - mt) * kp.inv_t - lt;
         acc_t v, a, b;
-        lm::terms<D>(lq, lp, exp_(lq), exp_(lp), kp, v, a, b);
+        lm::terms<D>(lq, lp, (s[j] - t[j]) * kp.inv_t, exp_((s[j] - ms) * kp.inv_t) * izs,
+                     exp_((t[j] - mt) * kp.inv_t) * izt, kp, v, a, b);
         v_ += v, a_ += a, b_ += b;
       }
       value = red.sum(v_);
@@ -131,9 +148,9 @@ __global__ void __launch_bounds__(kBlock) kd_rows_kernel(lm::Chunk<acc_t> c, Par
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
       const acc_t fs = s[j], ft = t[j];
       const acc_t lq = (fs - ms) * kp.inv_t - ls, lp = (ft - mt) * kp.inv_t - lt;
-      const acc_t q = exp_(lq), p = exp_(lp);
+      const acc_t q = exp_((fs - ms) * kp.inv_t) * izs, p = exp_((ft - mt) * kp.inv_t) * izt;
       acc_t v, a, b;
-      lm::terms<D>(lq, lp, q, p, kp, v, a, b);
+      lm::terms<D>(lq, lp, (fs - ft) * kp.inv_t + shift, q, p, kp, v, a, b);
       const acc_t su = u ? exp_(fs - ms - lu) : q;
       s[j] = lm::student_grad(a, q, sa, su, fs, w, kp);
       if (c.grad_t) t[j] = lm::teacher_grad(b, p, sb, ft, w, kp);
@@ -153,7 +170,7 @@ template <Tail TL, typename acc_t>
 __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, Params<acc_t> kp) {
   __shared__ typename Reducer<acc_t>::BR::TempStorage tmp;
   __shared__ acc_t slot;
-  __shared__ acc_t sh_value, sh_cout, sh_P, sh_lP, sh_lQ;
+  __shared__ acc_t sh_value, sh_cout, sh_P, sh_lP, sh_lQ, sh_cr, sh_logr, sh_qmax, sh_izq;
   extern __shared__ unsigned char smem_raw[];
   acc_t* fk = reinterpret_cast<acc_t*>(smem_raw);  // (K,) the K ids' f
   acc_t* lp = fk + c.k;                             // (K,) the teacher's (re-tempered) log-probs
@@ -193,22 +210,24 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
     __syncthreads();
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) s[ids[i]] = neg_inf<acc_t>();
     __syncthreads();
-    acc_t m = neg_inf<acc_t>();
+    acc_t m = neg_inf<acc_t>(), mk = neg_inf<acc_t>();
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) m = max_of(m, s[j]);
-    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) m = max_of(m, fk[i]);
-    const acc_t ms = red.max(m);
+    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) mk = max_of(mk, fk[i]);
+    const acc_t mo = red.max(m);  // the maximum outside K (the K places hold -inf); -inf when K = V
+    const acc_t ms = max_of(mo, red.max(mk));
+    const acc_t so = lm::finite_or_zero(mo);
     acc_t zo = 0, zk = 0, zu = 0;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      zo += exp_((s[j] - ms) * kp.inv_t);
+      zo += exp_((s[j] - so) * kp.inv_t);
       if (u) zu += exp_(s[j] - ms);
     }
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
       zk += exp_((fk[i] - ms) * kp.inv_t);
       if (u) zu += exp_(fk[i] - ms);
     }
-    zo = red.sum(zo);
-    const acc_t zs = zo + red.sum(zk);
-    const acc_t ls = log_(zs), lu = u ? log_(red.sum(zu)) : ls;
+    zo = red.sum(zo);  // against mo: the tail mass keeps its digits, and its log stays finite
+    const acc_t zs = zo * exp_((so - ms) * kp.inv_t) + red.sum(zk);
+    const acc_t ls = log_(zs), lu = u ? log_(red.sum(zu)) : ls, izs = acc_t(1) / zs;
     if (threadIdx.x == 0) {  // the K-long teacher side, serially (K is small next to V)
       acc_t lmax = neg_inf<acc_t>();
       for (int64_t i = 0; i < K; ++i) lmax = max_of(lmax, lp[i]);
@@ -225,14 +244,15 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
       }
       P = P < acc_t(1) ? P : acc_t(1);
       const acc_t lP = P > acc_t(0) ? log_(P) : neg_inf<acc_t>();
-      acc_t lQ = 0;
+      acc_t lQ = 0, izq = 0;
       if (TL == Tail::Renormalize) {
         acc_t z = 0;
         for (int64_t i = 0; i < K; ++i) z += exp_((fk[i] - ms) * kp.inv_t - ls - qmax);
         lQ = qmax + log_(z);
+        izq = acc_t(1) / z;
       }
-      const acc_t R = zo / zs;
-      acc_t value = 0, c_out = 0;
+      const acc_t log_r = (so - ms) * kp.inv_t + log_(zo) - ls;  // log of the student's mass outside K
+      acc_t value = 0, c_out = 0, c_r = 0;
       if (P > acc_t(0)) {
         for (int64_t i = 0; i < K; ++i) {
           const acc_t p = exp_(lp[i]), lq = (fk[i] - ms) * kp.inv_t - ls;
@@ -240,39 +260,44 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
           else value += lm::pmul(p, lp[i] - lq);
         }
         if (TL == Tail::Zero) c_out = P;
-        if (TL == Tail::Bucket) {
+        if (TL == Tail::Bucket && K == V) c_out = P;  // no id outside K: no rest bucket
+        if (TL == Tail::Bucket && K < V) {
           const acc_t rest = acc_t(1) - P;
-          if (rest > acc_t(0)) value += rest * (log_(rest) - log_(R));
-          c_out = R > acc_t(0) ? acc_t(1) - rest / R : acc_t(1);
+          if (rest > acc_t(0)) value += rest * (log_(rest) - log_r);
+          c_out = acc_t(1);
+          c_r = -rest;
         }
         if (TL != Tail::Zero) value = value > acc_t(0) ? value : acc_t(0);
       }
       acc_t row = kp.soft * value;
       if (y >= 0 && kp.hard != acc_t(0)) row += kp.hard * (ms + lu - fy);
       c.rows[r] = row;
-      sh_value = value, sh_cout = c_out, sh_P = P, sh_lP = lP, sh_lQ = lQ;
+      sh_value = value, sh_cout = c_out, sh_P = P, sh_lP = lP, sh_lQ = lQ, sh_cr = c_r, sh_logr = log_r;
+      sh_qmax = qmax, sh_izq = izq;
     }
     __syncthreads();
     if (!c.grad_s) continue;
     const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
-    const acc_t c_out = sh_cout, P = sh_P, lQ = sh_lQ;
+    const acc_t c_out = sh_cout, P = sh_P, c_r = sh_cr, log_r = sh_logr, qmax = sh_qmax, izq = sh_izq;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
       const acc_t f = s[j];
-      const acc_t q = exp_((f - ms) * kp.inv_t - ls);
+      const acc_t lq = (f - ms) * kp.inv_t - ls;
+      const acc_t q = exp_((f - ms) * kp.inv_t) * izs;
       const acc_t su = u ? exp_(f - ms - lu) : q;
+      const acc_t soft = c_r != acc_t(0) ? c_out * q + c_r * exp_(lq - log_r) : c_out * q;
       // f = -inf at the K ids: q = su = 0 there, and the entry is overwritten below.
-      s[j] = q > acc_t(0) || su > acc_t(0)
-                 ? w * (kp.soft * kp.inv_t * c_out * q + kp.hard * su) * lm::transform_slope(f, kp.s_scale, kp.s_cap)
+      s[j] = f != neg_inf<acc_t>()
+                 ? w * (kp.soft * kp.inv_t * soft + kp.hard * su) * lm::transform_slope(f, kp.s_scale, kp.s_cap)
                  : acc_t(0);
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
-      const acc_t lq = (fk[i] - ms) * kp.inv_t - ls, q = exp_(lq);
+      const acc_t lq = (fk[i] - ms) * kp.inv_t - ls, q = exp_((fk[i] - ms) * kp.inv_t) * izs;
       acc_t soft = 0;
       if (P > acc_t(0)) {
         const acc_t p = exp_(lp[i]);
-        if (TL == Tail::Renormalize) soft = exp_(lq - lQ) - p / P;
-        else if (TL == Tail::Zero) soft = P * q - p;
+        if (TL == Tail::Renormalize) soft = exp_(lq - qmax) * izq - p / P;
+        else if (TL == Tail::Zero || K == V) soft = P * q - p;
         else soft = q - p;
       }
       const acc_t su = u ? exp_(fk[i] - ms - lu) : q;

@@ -49,23 +49,45 @@ KDOPS_HOST_DEVICE acc_t transform_slope(acc_t f, acc_t scale, acc_t cap) {
   return scale * (acc_t(1) - r * r);
 }
 
+// A maximum usable as a shift: -inf (no element) gives 0.
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t finite_or_zero(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
 // p * u with p = 0 giving 0 (u may be -inf or NaN where the probability underflowed).
 template <typename acc_t>
 KDOPS_HOST_DEVICE acc_t pmul(acc_t p, acc_t u) {
   return p > acc_t(0) ? p * u : acc_t(0);
 }
 
-// The terms (v, a, b) of one class; lq, lp are the log-probabilities, q, p their exponentials.
+// Per-row statistics (units of f): maxima and the sums Z = sum exp((f - m) / T); zu = sum exp(f_s - m_s)
+// (the untempered student, for the hard CE when T != 1); cross = sum e_t ((y - x) - d0) (KL) or
+// sum e_s ((x - y) - d0) (reverse KL), d0 the log-ratio at the teacher's (student's) maximum. Taking the
+// expectation about d0, not 0, keeps its absolute error at the size of the spread of the log-ratio over the
+// probable classes, not of the log-ratio itself (which can be 10x larger at low temperatures); `shift` is what
+// the callers add to x - y to form the shifted log-ratio for `terms` (+d0 for KL, -d0 for reverse KL).
+// (reverse KL), from which the value follows without a second pass.
+template <typename acc_t>
+struct RowStats {
+  acc_t ms, mt, zs, zt, zu, cross, d0, shift;
+};
+
+// The terms (v, a, b) of one class; lq, lp are the log-probabilities, q, p their exponentials, dxy = x - y + shift
+// (RowStats).
+// KL and reverse KL take their log-ratio from dxy, without the log-normalisers: their closed-form sums
+// (closed_sums) are the matching expectations E_p[y - x] and E_q[x - y], so the normalisers cancel exactly and a
+// large lse costs no precision (as in kd_math.h).
 template <Div D, typename acc_t>
-KDOPS_HOST_DEVICE void terms(acc_t lq, acc_t lp, acc_t q, acc_t p, const Params<acc_t>& k, acc_t& v, acc_t& a,
-                             acc_t& b) {
+KDOPS_HOST_DEVICE void terms(acc_t lq, acc_t lp, acc_t dxy, acc_t q, acc_t p, const Params<acc_t>& k, acc_t& v,
+                             acc_t& a, acc_t& b) {
   if (D == Div::KL) {  // KL(P || Q)
     v = pmul(p, lp - lq);
     a = -p;
-    b = v;
+    b = pmul(p, -dxy);
   } else if (D == Div::ReverseKL) {  // KL(Q || P)
     v = pmul(q, lq - lp);
-    a = v;
+    a = pmul(q, dxy);
     b = -q;
   } else if (D == Div::JSD) {  // beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
     const acc_t lm = logaddexp_(k.log_mix + lp, k.log_1m_mix + lq);
@@ -91,15 +113,15 @@ KDOPS_HOST_DEVICE void terms(acc_t lq, acc_t lp, acc_t q, acc_t p, const Params<
   }
 }
 
-// Sums of a and b known in closed form (so that the student gradient of KL is q - p exactly, and the teacher
-// gradient of reverse KL p - q): returns true and sets the known one(s).
+// Sums of a and b known in closed form, so that the student gradient of KL is q - p exactly (and the teacher
+// gradient of reverse KL p - q); the other sum is the expectation of the log-ratio term from the row's cross sum.
 template <Div D, typename acc_t>
-KDOPS_HOST_DEVICE void closed_sums(acc_t value, acc_t& sa, acc_t& sb) {
+KDOPS_HOST_DEVICE void closed_sums(const RowStats<acc_t>& st, acc_t& sa, acc_t& sb) {
   if (D == Div::KL) {
     sa = acc_t(-1);
-    sb = value;
+    sb = st.cross / st.zt;
   } else if (D == Div::ReverseKL) {
-    sa = value;
+    sa = st.cross / st.zs;
     sb = acc_t(-1);
   }
 }
@@ -108,14 +130,6 @@ template <Div D>
 KDOPS_HOST_DEVICE constexpr bool has_closed_sums() {
   return D == Div::KL || D == Div::ReverseKL;
 }
-
-// Per-row statistics (units of f): maxima and the sums Z = sum exp((f - m) / T); zu = sum exp(f_s - m_s)
-// (the untempered student, for the hard CE when T != 1); cross = sum e_t (y - x) (KL) or sum e_s (x - y)
-// (reverse KL), from which the value follows without a second pass.
-template <typename acc_t>
-struct RowStats {
-  acc_t ms, mt, zs, zt, zu, cross;
-};
 
 // log-sum-exps of the row from its stats.
 template <typename acc_t>
@@ -126,7 +140,7 @@ KDOPS_HOST_DEVICE acc_t lse_of(acc_t m, acc_t z, acc_t inv_t) {
 // The divergence value from the one-pass cross sum (KL, reverse KL only), never negative.
 template <Div D, typename acc_t>
 KDOPS_HOST_DEVICE acc_t closed_value(const RowStats<acc_t>& s, acc_t lse_s, acc_t lse_t) {
-  acc_t v = D == Div::KL ? s.cross / s.zt - (lse_t - lse_s) : s.cross / s.zs - (lse_s - lse_t);
+  acc_t v = D == Div::KL ? (s.cross / s.zt + s.d0) - (lse_t - lse_s) : (s.cross / s.zs + s.d0) - (lse_s - lse_t);
   return v > acc_t(0) ? v : acc_t(0);
 }
 
@@ -148,8 +162,11 @@ KDOPS_HOST_DEVICE acc_t teacher_grad(acc_t b, acc_t p, acc_t sb, acc_t f, acc_t 
 // Student log q_i = x_id - lse_V(x). With P = sum_K p, Q = sum_K q and R = 1 - Q = sum over the other ids:
 //   renormalize: KL(p / P || q / Q) over K; d/dx_id = q_i / Q - p_i / P, 0 elsewhere.
 //   zero:        sum_K p (log p - log q);    d/dx_k = P q_k - p_k [k in K].
-//   bucket:      zero + (1 - P) log((1 - P) / R); d/dx_k = q_k - p_k (k in K), q_k (1 - (1 - P) / R) otherwise.
-// The soft gradient outside K is therefore c_out * q_k with c_out = 0, P or 1 - (1 - P) / R.
+//   bucket:      zero + (1 - P) log((1 - P) / R); d/dx_k = q_k - p_k (k in K), q_k - (1 - P) q_k / R otherwise.
+// The soft gradient outside K is therefore c_out q_k + c_r q_k / R with (c_out, c_r) = (0, 0), (P, 0) or
+// (1, -(1 - P)); log R comes from the exp-sum outside K taken against its own maximum, and q_k / R is formed as
+// exp(log q_k - log R), so that a tail mass below the float range neither overflows nor turns the gradient NaN.
+// With K = V there is no id outside K and no rest bucket: the bucket tail is the zero tail.
 template <typename acc_t>
 struct TopkRow {
   acc_t value;  // the soft divergence of the row
