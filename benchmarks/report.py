@@ -11,7 +11,10 @@ over the eager reference and over the compiled one, kdops' time as a multiple of
 in the same run: a clone() of the inputs for the memory-bound ops, one torch.exp over both inputs for KD, the
 GEMM alone for the GEMM-bound ones), and peak memory with kdops' ratio to eager's. With --plots, one PNG per
 family: time and peak memory against problem size, log-log. Providers are read generically: ``kdops*`` are
-kdops variants, ``floor`` (or ``mode=floor``) the floor, anything else a baseline.
+kdops variants, ``floor`` (or ``mode=floor``) the floor, anything else a baseline. A floor whose configuration
+leaves out a parameter of the rows (e.g. lm's floor has no divergence) is every such row's floor; a floor
+benchmark that names itself (extra_info["provider"], e.g. ``gemm_floor``) gets its own time column and names the
+floor ratio's column. Families in SCALING get a second table: peak memory against one dimension of the shape.
 """
 
 import argparse
@@ -22,6 +25,8 @@ import sys
 from collections import OrderedDict, defaultdict
 
 HIDDEN = ("provider", "device")
+# family -> (the shape's axis, its name): a "peak memory against <name>" table, e.g. lm's peak flat in the tokens
+SCALING = {"lm": (0, "tokens")}
 
 
 def _provider(b):
@@ -38,8 +43,15 @@ def _shape_str(v):
     return v if isinstance(v, str) else "x".join(map(str, v))
 
 
+def _floor_name(b):
+    """The name a floor benchmark gives itself (a ``provider`` other than ``floor``), or None."""
+    name = (b.get("params") or {}).get("provider") or b.get("extra_info", {}).get("provider")
+    return name if name and name != "floor" else None
+
+
 def collect(runs):
-    """{family: {(config items, device): {provider: stats}}} and the floors {(family, config-sans-mode, device): ms}."""
+    """{family: {(config items, device): {provider: stats}}} and the floors
+    {(family, config-sans-mode, device): stats} (stats["name"]: the floor's own name, or None)."""
     rows = defaultdict(lambda: defaultdict(dict))
     floors = {}
     latest = {}  # a test run again in a later JSON replaces its earlier result
@@ -62,7 +74,7 @@ def collect(runs):
                      "peak": extra.get("peak_mib", float("nan")), "value_diff": extra.get("value_diff")}
             sans_mode = tuple((k, v) for k, v in cfg.items() if k != "mode")
             if provider == "floor":
-                floors[(family, sans_mode, device)] = ms
+                floors[(family, sans_mode, device)] = dict(stats, name=_floor_name(b))
                 if cfg.get("mode") in (None, "floor"):
                     continue
             rows[family][(tuple(cfg.items()), device)][provider] = stats
@@ -90,20 +102,43 @@ def _fmt(ms):
     return "%.3f" % ms if ms < 100 else "%.1f" % ms
 
 
+def _floor_for(floors, family, cfg, device):
+    """The floor of a row: the one measured on its configuration (mode aside), else the most specific floor whose
+    configuration is a subset of the row's (a floor that does not depend on a row parameter), else None."""
+    sans_mode = tuple((k, v) for k, v in cfg if k != "mode")
+    if (family, sans_mode, device) in floors:
+        return floors[(family, sans_mode, device)]
+    items, best = set(sans_mode), None
+    for (fam, fcfg, dev), st in floors.items():
+        if fam == family and dev == device and set(fcfg) <= items and (best is None or len(fcfg) > best[0]):
+            best = (len(fcfg), st)
+    return best[1] if best else None
+
+
+def _floor_label(family, floors):
+    """The floor's name for the headers: its own name when the family's floors agree on one, else "floor"."""
+    names = {st.get("name") for (fam, _c, _d), st in floors.items() if fam == family}
+    return names.pop() if len(names) == 1 and None not in names else "floor"
+
+
 def family_table(family, entries, floors):
     providers = set()
     for r in entries.values():
         providers |= set(r)
     kd, base, other = _order(providers)
     cfg_keys = list(OrderedDict.fromkeys(k for (cfg, _), _r in entries.items() for k, _v in cfg))
+    label = _floor_label(family, floors)
+    named_floor = label != "floor"
     head = cfg_keys + ["device"] + ["%s ms (IQR)" % p for p in kd + base + other]
+    if named_floor:
+        head.append("%s ms (IQR)" % label)
     for p in kd:
         tag = "" if len(kd) == 1 else " " + p
         head += ["vs eager%s" % tag if "eager" in base else None, "vs compiled%s" % tag if "compiled" in base else None]
         for o in other:
             head.append("vs %s%s" % (o, tag))
     head = [h for h in head if h]
-    head += ["kdops / floor", "peak MiB " + " / ".join(kd + base + other), "memory kdops / eager"]
+    head += ["kdops / %s" % label, "peak MiB " + " / ".join(kd + base + other), "memory kdops / eager"]
     diffs = [p for p in base + other if any(r.get(p, {}).get("value_diff") for r in entries.values())]
     head += ["|value diff| %s" % p for p in diffs]
     lines = ["### %s" % family, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,10 +153,13 @@ def family_table(family, entries, floors):
         cells = [str(d.get(k, "")) for k in cfg_keys] + [device]
         for p in kd + base + other:
             cells.append("%s (%s)" % (_fmt(r[p]["median"]), _fmt(r[p]["iqr"])) if p in r else "-")
+        floor_st = _floor_for(floors, family, cfg, device)
+        if named_floor:
+            cells.append("%s (%s)" % (_fmt(floor_st["median"]), _fmt(floor_st["iqr"])) if floor_st else "-")
         for p in kd:
             for b in base + other:
                 cells.append("%.2fx" % (r[b]["median"] / r[p]["median"]) if p in r and b in r else "-")
-        floor = floors.get((family, tuple((k, v) for k, v in cfg if k != "mode"), device))
+        floor = floor_st["median"] if floor_st else None
         best = min((r[p]["median"] for p in kd if p in r), default=None)
         cells.append("%.2f" % (best / floor) if floor and best else "-")
         cells.append(" / ".join("%.1f" % r[p]["peak"] if p in r else "-" for p in kd + base + other))
@@ -133,6 +171,55 @@ def family_table(family, entries, floors):
         for p in diffs:
             v = r.get(p, {}).get("value_diff")
             cells.append("%.1e" % v if v is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling_table(family, entries, axis, name):
+    """Peak memory of one call against the shape's `axis` (called `name`): one row per configuration that ran at
+    two or more sizes along it (all else equal), per provider the peaks from the smallest size to the largest and
+    their growth (largest / smallest). None when no configuration ran at two sizes."""
+    groups = defaultdict(dict)
+    for (cfg, device), r in entries.items():
+        dims = str(dict(cfg).get("shape", "")).split("x")
+        try:
+            size = int(dims[axis])
+        except (IndexError, ValueError):
+            continue
+        rest = "x".join(dims[:axis] + ["*"] + dims[axis + 1:])
+        groups[(tuple((k, rest if k == "shape" else v) for k, v in cfg), device)][size] = r
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    providers = set()
+    for by_size in groups.values():
+        for r in by_size.values():
+            providers |= set(r)
+    kd, base, other = _order(providers)
+    cfg_keys = list(OrderedDict.fromkeys(k for (cfg, _), _r in groups.items() for k, _v in cfg))
+    head = cfg_keys + ["device", name] + ["peak MiB %s" % p for p in kd + base + other]
+    lines = ["#### %s: peak memory against %s" % (family, name), "",
+             "Peak MiB of one call at each value of %s (the shape's *), smallest first, and its growth (largest / "
+             "smallest)." % name, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def sort_key(item):
+        (cfg, device), _ = item
+        return (device, str(dict(cfg).get("dtype", "")) != "fp32", [str(v) for _k, v in cfg])
+
+    for (cfg, device), by_size in sorted(groups.items(), key=sort_key):
+        d = dict(cfg)
+        sizes = sorted(by_size)
+        cells = [str(d.get(k, "")) for k in cfg_keys] + [device, " / ".join(map(str, sizes))]
+        for p in kd + base + other:
+            peaks = [by_size[n].get(p, {}).get("peak") for n in sizes]
+            if all(v is None or v != v for v in peaks):
+                cells.append("-")
+                continue
+            text = " / ".join("%.1f" % v if v is not None and v == v else "-" for v in peaks)
+            lo, hi = peaks[0], peaks[-1]
+            if lo is not None and hi is not None and lo > 0 and hi == hi:
+                text += " (%.2fx)" % (hi / lo)
+            cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -203,13 +290,18 @@ def render(runs, plots_dir=None, plots_rel=None):
              "Generated by `python -m benchmarks.report` from pytest-benchmark JSON. Times are medians in ms "
              "(IQR in brackets); speed-ups are provider time / kdops time from the same run; the floor is the "
              "family's floor op measured in the same run (clone of the inputs for memory-bound ops, one torch.exp "
-             "over both inputs for KD, the GEMM alone for GEMM-bound ops). Peak memory is what one call adds: on "
-             "CPU the process' peak resident set (VmHWM) minus the resident set before the call, after "
-             "malloc_trim; on CUDA torch.cuda.max_memory_allocated. On CUDA times are medians between CUDA "
-             "events.", "", "## Machine", "", machine_text(runs), ""]
+             "over both inputs for KD, the GEMM alone for GEMM-bound ops, the four chunked GEMMs for lm). Peak "
+             "memory is what one call adds: on CPU the process' peak resident set (VmHWM) minus the resident set "
+             "before the call, after malloc_trim; on CUDA torch.cuda.max_memory_allocated. On CUDA times are "
+             "medians between CUDA events.", "", "## Machine", "", machine_text(runs), ""]
     for family in sorted(rows):
         parts.append(family_table(family, rows[family], floors))
         parts.append("")
+        if family in SCALING:
+            table = scaling_table(family, rows[family], *SCALING[family])
+            if table:
+                parts.append(table)
+                parts.append("")
         if plots_dir:
             os.makedirs(plots_dir, exist_ok=True)
             name = "%s.png" % family.replace("/", "_").replace(" ", "_")

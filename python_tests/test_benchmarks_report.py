@@ -77,3 +77,45 @@ def test_variants_missing_providers_and_plots(tmp_path):
     pngs = sorted(p.name for p in plots.iterdir())
     assert pngs == ["kd.png", "ot.png"] and all((plots / p).stat().st_size > 5000 for p in pngs)
     assert re.search(r"!\[ot\]\(plots/ot\.png\)", text)
+
+
+def lm_run_json():
+    """lm: five providers at two token counts, two divergences, and a named floor without a divergence."""
+    marks = []
+    for tokens, scale in ((1024, 1.0), (4096, 4.0)):
+        shape = "%dx256x512x32000" % tokens
+        for div in ("jsd", "kl"):
+            cfg = dict(shape=shape, dtype="fp32", divergence=div, mode="fwd+bwd")
+            marks += [bench("lm", "kdops", 0.010 * scale, 130.0 + tokens / 1024, **cfg),
+                      bench("lm", "eager", 0.050 * scale, 1000.0 * scale, **cfg),
+                      bench("lm", "compiled", 0.030 * scale, 500.0 * scale, **cfg),
+                      bench("lm", "liger", 0.020 * scale, 400.0, **cfg),
+                      bench("lm", "liger_nocompile", 0.040 * scale, 800.0, **cfg)]
+        floor = bench("lm", None, 0.005 * scale, 0.0, 0.0002, shape=shape, dtype="fp32", mode="floor")
+        floor["extra_info"]["provider"] = "gemm_floor"
+        marks.append(floor)
+    return {"machine_info": run_json()["machine_info"], "benchmarks": marks}
+
+
+def test_lm_liger_named_floor_and_memory_against_tokens():
+    text = report.render([lm_run_json()])
+    rows = table_rows(text, "lm")
+    assert len(rows) == 4
+    small = next(r for r in rows if r["shape"] == "1024x256x512x32000" and r["divergence"] == "jsd")
+    assert small["vs liger"] == "2.00x" and small["vs liger_nocompile"] == "4.00x"
+    assert small["vs eager"] == "5.00x" and small["vs compiled"] == "3.00x"
+    # the floor has no divergence: it is the floor of both divergences' rows, under its own name
+    assert small["gemm_floor ms (IQR)"] == "5.000 (0.200)"
+    assert all(r["kdops / gemm_floor"] == "2.00" for r in rows) and not any(k == "kdops / floor" for k in small)
+    peaks = small["peak MiB kdops / eager / compiled / liger / liger_nocompile"]
+    assert peaks == "131.0 / 1000.0 / 500.0 / 400.0 / 800.0"
+    section = text.split("#### lm: peak memory against tokens")[1].split("###")[0]
+    lines = [l for l in section.splitlines() if l.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    scaling = [dict(zip(head, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
+    assert len(scaling) == 2
+    jsd = next(r for r in scaling if r["divergence"] == "jsd")
+    assert jsd["shape"] == "*x256x512x32000" and jsd["tokens"] == "1024 / 4096"
+    assert jsd["peak MiB kdops"] == "131.0 / 134.0 (1.02x)" and jsd["peak MiB eager"] == "1000.0 / 4000.0 (4.00x)"
+    # other families get no such table
+    assert "peak memory against" not in report.render([run_json()])
