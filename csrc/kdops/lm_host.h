@@ -81,6 +81,7 @@ Params<acc_t> make_params(double mix, double temperature, double soft, double ha
   k.mix = acc_t(mix);
   k.log_mix = mix > 0.0 ? acc_t(std::log(mix)) : neg_inf<acc_t>();
   k.log_1m_mix = mix < 1.0 ? acc_t(std::log1p(-mix)) : neg_inf<acc_t>();
+  k.one_m_mix = acc_t(1) - k.mix;
   k.inv_t = acc_t(1.0 / temperature);
   k.soft = acc_t(soft);
   k.hard = acc_t(hard);

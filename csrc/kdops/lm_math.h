@@ -22,7 +22,7 @@ enum class Tail : int { Renormalize = 0, Zero = 1, Bucket = 2 };
 template <typename acc_t>
 struct Params {
   acc_t mix;             // JSD: beta (the teacher's weight in M); skew: lambda
-  acc_t log_mix, log_1m_mix;
+  acc_t log_mix, log_1m_mix, one_m_mix;
   acc_t inv_t;           // 1 / T
   acc_t soft;            // soft_weight, times T^2 with scale_t2
   acc_t hard;            // hard_weight (CE of f_s against the target, untempered)
@@ -73,6 +73,18 @@ struct RowStats {
   acc_t ms, mt, zs, zt, zu, cross, d0, shift;
 };
 
+// log(wa e^la + wb e^lb), wa + wb = 1, as hi + log(w_hi + w_lo e^(lo - hi)) with hi the larger argument: where
+// la = lb the log's argument is wa + wb, exactly 1 in floating point for the weights used here (w and 1 - w), so
+// the mixture of identical distributions is exactly the distribution and its divergences exactly 0 (forming
+// log wa + la first, as logaddexp would, rounds it away).
+template <typename acc_t>
+KDOPS_HOST_DEVICE acc_t log_mix_(acc_t la, acc_t lb, acc_t wa, acc_t wb) {
+  const bool a_hi = la >= lb;
+  const acc_t hi = a_hi ? la : lb, lo = a_hi ? lb : la;
+  const acc_t r = hi + log_pos_((a_hi ? wa : wb) + (a_hi ? wb : wa) * exp_(lo - hi));
+  return hi == neg_inf<acc_t>() ? hi : r;
+}
+
 // The terms (v, a, b) of one class; lq, lp are the log-probabilities, q, p their exponentials, dxy = x - y + shift
 // (RowStats).
 // KL and reverse KL take their log-ratio from dxy, without the log-normalisers: their closed-form sums
@@ -90,24 +102,26 @@ KDOPS_HOST_DEVICE void terms(acc_t lq, acc_t lp, acc_t dxy, acc_t q, acc_t p, co
     a = pmul(q, dxy);
     b = -q;
   } else if (D == Div::JSD) {  // beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
-    const acc_t lm = logaddexp_(k.log_mix + lp, k.log_1m_mix + lq);
-    a = (acc_t(1) - k.mix) * pmul(q, lq - lm);
+    const acc_t lm = log_mix_(lp, lq, k.mix, k.one_m_mix);
+    a = k.one_m_mix * pmul(q, lq - lm);
     b = k.mix * pmul(p, lp - lm);
     v = a + b;
   } else if (D == Div::SkewKL) {  // KL(P || lambda P + (1 - lambda) Q)
-    const acc_t lm = logaddexp_(k.log_mix + lp, k.log_1m_mix + lq);
+    const acc_t lm = log_mix_(lp, lq, k.mix, k.one_m_mix);
     v = pmul(p, lp - lm);
-    a = -(acc_t(1) - k.mix) * pmul(p, exp_(lq - lm));
+    a = -k.one_m_mix * pmul(p, exp_(lq - lm));
     b = v - k.mix * pmul(p, exp_(lp - lm));
   } else if (D == Div::SkewReverseKL) {  // KL(Q || lambda Q + (1 - lambda) P)
-    const acc_t lm = logaddexp_(k.log_mix + lq, k.log_1m_mix + lp);
+    const acc_t lm = log_mix_(lq, lp, k.mix, k.one_m_mix);
     v = pmul(q, lq - lm);
     a = v - k.mix * pmul(q, exp_(lq - lm));
-    b = -(acc_t(1) - k.mix) * pmul(q, exp_(lp - lm));
-  } else {  // TVD: 1/2 sum |p - q|
+    b = -k.one_m_mix * pmul(q, exp_(lp - lm));
+  } else {  // TVD: 1/2 sum |p - q|, the sign from the log-probabilities: p and q are products e / Z that a
+    // contracted multiply-add may round differently, while identical inputs give identical lp and lq
+    const acc_t dl = lp - lq;
+    const acc_t sg = dl > acc_t(0) ? acc_t(1) : (dl < acc_t(0) ? acc_t(-1) : acc_t(0));
     const acc_t d = p - q;
-    v = acc_t(0.5) * (d > acc_t(0) ? d : -d);
-    const acc_t sg = d > acc_t(0) ? acc_t(1) : (d < acc_t(0) ? acc_t(-1) : acc_t(0));
+    v = sg != acc_t(0) ? acc_t(0.5) * (d > acc_t(0) ? d : -d) : acc_t(0);
     a = acc_t(-0.5) * sg * q;
     b = acc_t(0.5) * sg * p;
   }
