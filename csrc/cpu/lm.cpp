@@ -256,7 +256,7 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
   std::atomic<int64_t> bad_target{-1}, bad_id{-1}, dup_id{-1};
   at::parallel_for(0, c.n, rows_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> mask(static_cast<size_t>(V), 0);
-    std::vector<acc_t> lp(static_cast<size_t>(K)), lq(static_cast<size_t>(K)), fk(static_cast<size_t>(K));
+    std::vector<acc_t> lp(static_cast<size_t>(K)), fk(static_cast<size_t>(K));
     for (int64_t r = r0; r < r1; ++r) {
       acc_t* s = c.s + r * c.lds;
       const int64_t* ids = c.ids + r * K;
@@ -303,53 +303,14 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       else topk_sums<false>(s, mask.data(), V, ms, mo, kp.inv_t, zs, zu, zo);
       for (int64_t i = 0; i < K; ++i) mask[ids[i]] = 0;
       const acc_t ls = log_(zs), lu = u ? log_(zu) : ls, izs = acc_t(1) / zs;
-      // The teacher's log-probs, re-tempered (p^r / Z over the K ids) when r != 1.
-      acc_t lmax = neg_inf<acc_t>();
       for (int64_t i = 0; i < K; ++i) {
-        lp[i] = retemper ? kp.mix * lps[i] : lps[i];
-        lmax = max_of(lmax, lp[i]);
-      }
-      if (retemper && lmax != neg_inf<acc_t>()) {
-        acc_t z = 0;
-        for (int64_t i = 0; i < K; ++i) z += exp_(lp[i] - lmax);
-        const acc_t lz = lmax + log_(z);
-        for (int64_t i = 0; i < K; ++i) lp[i] -= lz;
-      }
-      acc_t P = 0, qmax = neg_inf<acc_t>();
-      for (int64_t i = 0; i < K; ++i) {
-        P += exp_(lp[i]);
+        lp[i] = lps[i];
         fk[i] = s[ids[i]];
-        lq[i] = (fk[i] - ms) * kp.inv_t - ls;
-        qmax = max_of(qmax, lq[i]);
-      }
-      P = P < acc_t(1) ? P : acc_t(1);
-      const acc_t lP = P > acc_t(0) ? log_(P) : neg_inf<acc_t>();
-      acc_t lQ = 0, izq = 0;  // log Q, and 1 / sum_K exp(lq - qmax) for q_i / Q as e / Z
-      if (TL == Tail::Renormalize) {
-        acc_t z = 0;
-        for (int64_t i = 0; i < K; ++i) z += exp_(lq[i] - qmax);
-        lQ = qmax + log_(z);
-        izq = acc_t(1) / z;
       }
       // log R, R the student's mass outside K, from its own sum (no 1 - Q cancellation)
       const acc_t log_r = (lm::finite_or_zero(mo) - ms) * kp.inv_t + log_(zo) - ls;
-      acc_t value = 0, c_out = 0, c_r = 0;
-      if (P > acc_t(0)) {
-        for (int64_t i = 0; i < K; ++i) {
-          const acc_t p = exp_(lp[i]);
-          if (TL == Tail::Renormalize) value += lm::pmul(p / P, (lp[i] - lP) - (lq[i] - lQ));
-          else value += lm::pmul(p, lp[i] - lq[i]);
-        }
-        if (TL == Tail::Zero) c_out = P;
-        if (TL == Tail::Bucket && K == V) c_out = P;  // no id outside K: no rest bucket, the zero tail's terms
-        if (TL == Tail::Bucket && K < V) {
-          const acc_t rest = acc_t(1) - P;
-          if (rest > acc_t(0)) value += rest * (log_(rest) - log_r);
-          c_out = acc_t(1);
-          c_r = -rest;
-        }
-        if (TL != Tail::Zero) value = value > acc_t(0) ? value : acc_t(0);
-      }
+      const lm::TopkRow<acc_t> side = lm::topk_side<TL>(lp.data(), fk.data(), K, V, ms, ls, log_r, retemper, kp);
+      const acc_t value = side.value;
       acc_t row = kp.soft * value;
       acc_t fy = 0;
       if (y >= 0) {
@@ -360,17 +321,11 @@ void topk_rows(lm::Chunk<acc_t>& c, const Params<acc_t>& kp) {
       if (!c.grad_s) continue;
       const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
       constexpr bool bkt = TL == Tail::Bucket;
-      if (u) topk_dense<true, bkt>(s, V, ms, ls, izs, lu, c_out, c_r, log_r, w, kp);
-      else topk_dense<false, bkt>(s, V, ms, ls, izs, lu, c_out, c_r, log_r, w, kp);
+      if (u) topk_dense<true, bkt>(s, V, ms, ls, izs, lu, side.c_out, side.c_r, log_r, w, kp);
+      else topk_dense<false, bkt>(s, V, ms, ls, izs, lu, side.c_out, side.c_r, log_r, w, kp);
       for (int64_t i = 0; i < K; ++i) {
         const acc_t q = exp_((fk[i] - ms) * kp.inv_t) * izs;
-        acc_t soft = 0;
-        if (P > acc_t(0)) {
-          const acc_t p = exp_(lp[i]);
-          if (TL == Tail::Renormalize) soft = exp_(lq[i] - qmax) * izq - p / P;
-          else if (TL == Tail::Zero || K == V) soft = P * q - p;
-          else soft = q - p;
-        }
+        const acc_t soft = lm::topk_soft_at<TL>(side, lp[i], (fk[i] - ms) * kp.inv_t - ls, q, K == V);
         const acc_t su = u ? exp_(fk[i] - ms - lu) : q;
         s[ids[i]] = w * (kp.soft * kp.inv_t * soft + kp.hard * su) * lm::transform_slope(fk[i], kp.s_scale, kp.s_cap);
       }
@@ -400,10 +355,7 @@ lm::Outputs fused_linear_kd_cpu(const at::Tensor& sh, const at::Tensor& sw, cons
                                 int64_t divergence, double mix, double temperature, double soft, double hard,
                                 int64_t ignore_index, int64_t vocab_size, double s_cap, double t_cap, double s_scale,
                                 double t_scale, int64_t chunk_size, int64_t grad_mask) {
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, "kdops.fused_linear_kd: divergence code must be in [0, 5], got ",
-              divergence);
-  lm::check_scalars("kdops.fused_linear_kd", temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
-  TORCH_CHECK(mix >= 0.0 && mix <= 1.0, "kdops.fused_linear_kd: beta / skew must be in [0, 1], got ", mix);
+  lm::check_fused_scalars(divergence, mix, temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
   lm::Outputs out;
   if (sh.scalar_type() == at::kDouble) {
     const auto kp = lm::make_params<double>(mix, temperature, soft, hard, s_cap, t_cap, s_scale, t_scale);
@@ -426,10 +378,7 @@ lm::TopkOutputs topk_kd_cpu(const at::Tensor& sh, const at::Tensor& sw, const st
                             const std::optional<at::Tensor>& row_weight, int64_t tail, double retemper,
                             double temperature, double soft, double hard, int64_t ignore_index, int64_t vocab_size,
                             double s_cap, double s_scale, int64_t chunk_size, int64_t grad_mask) {
-  TORCH_CHECK(tail >= 0 && tail <= 2, "kdops.topk_kd: tail code must be in [0, 2], got ", tail);
-  lm::check_scalars("kdops.topk_kd", temperature, soft, hard, s_cap, 0.0, s_scale, 1.0, chunk_size);
-  TORCH_CHECK(std::isfinite(retemper) && retemper > 0.0, "kdops.topk_kd: the re-tempering ratio must be > 0, got ",
-              retemper);
+  lm::check_topk_scalars(tail, retemper, temperature, soft, hard, s_cap, s_scale, chunk_size);
   if (sh.scalar_type() == at::kDouble) {
     const auto kp = lm::make_params<double>(retemper, temperature, soft, hard, s_cap, 0.0, s_scale, 1.0);
     return lm::topk_kd_run<double>(sh, sw, sb, ids, lps, target, row_weight, kp, ignore_index, vocab_size, chunk_size,

@@ -170,7 +170,7 @@ template <Tail TL, typename acc_t>
 __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, Params<acc_t> kp) {
   __shared__ typename Reducer<acc_t>::BR::TempStorage tmp;
   __shared__ acc_t slot;
-  __shared__ acc_t sh_value, sh_cout, sh_P, sh_lP, sh_lQ, sh_cr, sh_logr, sh_qmax, sh_izq;
+  __shared__ lm::TopkRow<acc_t> sh_side;
   extern __shared__ unsigned char smem_raw[];
   acc_t* fk = reinterpret_cast<acc_t*>(smem_raw);  // (K,) the K ids' f
   acc_t* lp = fk + c.k;                             // (K,) the teacher's (re-tempered) log-probs
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
     const acc_t fy = y >= 0 ? s[y] : acc_t(0);
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
       fk[i] = s[ids[i]];
-      lp[i] = retemper ? kp.mix * lps[i] : lps[i];
+      lp[i] = lps[i];  // re-tempered by topk_side
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) s[ids[i]] = neg_inf<acc_t>();
@@ -228,57 +228,18 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
     zo = red.sum(zo);  // against mo: the tail mass keeps its digits, and its log stays finite
     const acc_t zs = zo * exp_((so - ms) * kp.inv_t) + red.sum(zk);
     const acc_t ls = log_(zs), lu = u ? log_(red.sum(zu)) : ls, izs = acc_t(1) / zs;
+    const acc_t log_r = (so - ms) * kp.inv_t + log_(zo) - ls;  // log of the student's mass outside K
     if (threadIdx.x == 0) {  // the K-long teacher side, serially (K is small next to V)
-      acc_t lmax = neg_inf<acc_t>();
-      for (int64_t i = 0; i < K; ++i) lmax = max_of(lmax, lp[i]);
-      if (retemper && lmax != neg_inf<acc_t>()) {
-        acc_t z = 0;
-        for (int64_t i = 0; i < K; ++i) z += exp_(lp[i] - lmax);
-        const acc_t lz = lmax + log_(z);
-        for (int64_t i = 0; i < K; ++i) lp[i] -= lz;
-      }
-      acc_t P = 0, qmax = neg_inf<acc_t>();
-      for (int64_t i = 0; i < K; ++i) {
-        P += exp_(lp[i]);
-        qmax = max_of(qmax, (fk[i] - ms) * kp.inv_t - ls);
-      }
-      P = P < acc_t(1) ? P : acc_t(1);
-      const acc_t lP = P > acc_t(0) ? log_(P) : neg_inf<acc_t>();
-      acc_t lQ = 0, izq = 0;
-      if (TL == Tail::Renormalize) {
-        acc_t z = 0;
-        for (int64_t i = 0; i < K; ++i) z += exp_((fk[i] - ms) * kp.inv_t - ls - qmax);
-        lQ = qmax + log_(z);
-        izq = acc_t(1) / z;
-      }
-      const acc_t log_r = (so - ms) * kp.inv_t + log_(zo) - ls;  // log of the student's mass outside K
-      acc_t value = 0, c_out = 0, c_r = 0;
-      if (P > acc_t(0)) {
-        for (int64_t i = 0; i < K; ++i) {
-          const acc_t p = exp_(lp[i]), lq = (fk[i] - ms) * kp.inv_t - ls;
-          if (TL == Tail::Renormalize) value += lm::pmul(p / P, (lp[i] - lP) - (lq - lQ));
-          else value += lm::pmul(p, lp[i] - lq);
-        }
-        if (TL == Tail::Zero) c_out = P;
-        if (TL == Tail::Bucket && K == V) c_out = P;  // no id outside K: no rest bucket
-        if (TL == Tail::Bucket && K < V) {
-          const acc_t rest = acc_t(1) - P;
-          if (rest > acc_t(0)) value += rest * (log_(rest) - log_r);
-          c_out = acc_t(1);
-          c_r = -rest;
-        }
-        if (TL != Tail::Zero) value = value > acc_t(0) ? value : acc_t(0);
-      }
-      acc_t row = kp.soft * value;
+      sh_side = lm::topk_side<TL>(lp, fk, K, V, ms, ls, log_r, retemper, kp);
+      acc_t row = kp.soft * sh_side.value;
       if (y >= 0 && kp.hard != acc_t(0)) row += kp.hard * (ms + lu - fy);
       c.rows[r] = row;
-      sh_value = value, sh_cout = c_out, sh_P = P, sh_lP = lP, sh_lQ = lQ, sh_cr = c_r, sh_logr = log_r;
-      sh_qmax = qmax, sh_izq = izq;
     }
     __syncthreads();
     if (!c.grad_s) continue;
     const acc_t w = c.w != nullptr ? c.w[r * c.w_stride] : acc_t(1);
-    const acc_t c_out = sh_cout, P = sh_P, c_r = sh_cr, log_r = sh_logr, qmax = sh_qmax, izq = sh_izq;
+    const lm::TopkRow<acc_t> side = sh_side;
+    const acc_t c_out = side.c_out, c_r = side.c_r;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
       const acc_t f = s[j];
       const acc_t lq = (f - ms) * kp.inv_t - ls;
@@ -293,13 +254,7 @@ __global__ void __launch_bounds__(kBlock) topk_rows_kernel(lm::Chunk<acc_t> c, P
     __syncthreads();
     for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
       const acc_t lq = (fk[i] - ms) * kp.inv_t - ls, q = exp_((fk[i] - ms) * kp.inv_t) * izs;
-      acc_t soft = 0;
-      if (P > acc_t(0)) {
-        const acc_t p = exp_(lp[i]);
-        if (TL == Tail::Renormalize) soft = exp_(lq - qmax) * izq - p / P;
-        else if (TL == Tail::Zero || K == V) soft = P * q - p;
-        else soft = q - p;
-      }
+      const acc_t soft = lm::topk_soft_at<TL>(side, lp[i], lq, q, K == V);
       const acc_t su = u ? exp_(fk[i] - ms - lu) : q;
       s[ids[i]] = w * (kp.soft * kp.inv_t * soft + kp.hard * su) * lm::transform_slope(fk[i], kp.s_scale, kp.s_cap);
     }
@@ -346,10 +301,7 @@ lm::Outputs fused_linear_kd_cuda(const at::Tensor& sh, const at::Tensor& sw, con
                                  int64_t divergence, double mix, double temperature, double soft, double hard,
                                  int64_t ignore_index, int64_t vocab_size, double s_cap, double t_cap, double s_scale,
                                  double t_scale, int64_t chunk_size, int64_t grad_mask) {
-  TORCH_CHECK(divergence >= 0 && divergence <= 5, "kdops.fused_linear_kd: divergence code must be in [0, 5], got ",
-              divergence);
-  lm::check_scalars("kdops.fused_linear_kd", temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
-  TORCH_CHECK(mix >= 0.0 && mix <= 1.0, "kdops.fused_linear_kd: beta / skew must be in [0, 1], got ", mix);
+  lm::check_fused_scalars(divergence, mix, temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
   const c10::cuda::CUDAGuard guard(sh.device());
   const Div d = static_cast<Div>(divergence);
   if (sh.scalar_type() == at::kDouble) {
@@ -368,10 +320,7 @@ lm::TopkOutputs topk_kd_cuda(const at::Tensor& sh, const at::Tensor& sw, const s
                              const std::optional<at::Tensor>& row_weight, int64_t tail, double retemper,
                              double temperature, double soft, double hard, int64_t ignore_index, int64_t vocab_size,
                              double s_cap, double s_scale, int64_t chunk_size, int64_t grad_mask) {
-  TORCH_CHECK(tail >= 0 && tail <= 2, "kdops.topk_kd: tail code must be in [0, 2], got ", tail);
-  lm::check_scalars("kdops.topk_kd", temperature, soft, hard, s_cap, 0.0, s_scale, 1.0, chunk_size);
-  TORCH_CHECK(std::isfinite(retemper) && retemper > 0.0, "kdops.topk_kd: the re-tempering ratio must be > 0, got ",
-              retemper);
+  lm::check_topk_scalars(tail, retemper, temperature, soft, hard, s_cap, s_scale, chunk_size);
   TORCH_CHECK(ids.dim() != 2 || ids.size(1) <= kMaxTopK, "kdops.topk_kd: on CUDA teacher_ids may have at most ",
               kMaxTopK, " ids per token, got ", ids.dim() == 2 ? ids.size(1) : 0);
   const c10::cuda::CUDAGuard guard(sh.device());

@@ -126,6 +126,77 @@ inline at::Tensor empty0(const at::Tensor& ref, at::ScalarType acc) {
   return at::empty({0}, ref.options().dtype(acc));
 }
 
+inline void check_student(const char* op, const at::Tensor& sh, const at::Tensor& sw,
+                          const std::optional<at::Tensor>& sb) {
+  check_matrix(op, "student_hidden", sh, -1, "(tokens, Hs)");
+  check_matrix(op, "student_weight", sw, sh.size(1), "(V, Hs)");
+  check_same(op, "student_weight", sw, sh);
+  check_bias(op, "student_bias", sb, sw.size(0), sh);
+}
+
+inline void check_target(const char* op, const std::optional<at::Tensor>& target, int64_t n, const at::Tensor& ref,
+                         bool hard) {
+  if (target.has_value()) {
+    TORCH_CHECK(target->dim() == 1 && target->size(0) == n && target->scalar_type() == at::kLong, op,
+                ": target must be int64 (", n, ",), got ", target->sizes(), " ", target->scalar_type());
+    check_same(op, "target", *target, ref);
+  }
+  TORCH_CHECK(!hard || target.has_value(), op, ": hard_weight != 0 needs a target");
+}
+
+// The chunk of rows [r0, r0 + n) of the (chunk, V) logits buffer S, without teacher or top-k pointers.
+template <typename acc_t>
+Chunk<acc_t> make_chunk(const at::Tensor& S, int64_t r0, int64_t n, const at::Tensor& target, int64_t ignore_index,
+                        const at::Tensor& w, int64_t w_stride, const at::Tensor& rows, bool grad_s) {
+  Chunk<acc_t> ch;
+  ch.s = S.data_ptr<acc_t>();
+  ch.lds = S.size(1);
+  ch.t = nullptr;
+  ch.ldt = 0;
+  ch.n = n;
+  ch.v = S.size(1);
+  ch.target = target.defined() ? target.data_ptr<int64_t>() + r0 : nullptr;
+  ch.ignore_index = ignore_index;
+  ch.w = w.defined() ? w.data_ptr<acc_t>() + r0 * w_stride : nullptr;
+  ch.w_stride = w_stride;
+  ch.rows = rows.data_ptr<acc_t>() + r0;
+  ch.grad_s = grad_s;
+  ch.grad_t = false;
+  ch.ids = nullptr;
+  ch.lps = nullptr;
+  ch.k = 0;
+  return ch;
+}
+
+// One side's gradients from the chunk's logit gradients G (n, vs): hidden rows [r0, r0 + n) = G W, and the weight
+// (and bias, when g_b is not empty) accumulate G^T h (and the column sums of G).
+inline void chunk_grads(const at::Tensor& G, const at::Tensor& W, const at::Tensor& h, int64_t r0, int64_t n,
+                        int64_t vs, bool want_h, bool want_w, at::Tensor& g_h, at::Tensor& g_w, at::Tensor& g_b) {
+  if (want_h) {
+    at::Tensor out = g_h.narrow(0, r0, n);
+    at::mm_out(out, G, W);
+  }
+  if (want_w) g_w.narrow(0, 0, vs).addmm_(G.t(), h);
+  if (g_b.numel() > 0) g_b.narrow(0, 0, vs).add_(G.sum(0));
+}
+
+// The scalar arguments both entry points (CPU, CUDA) check before dispatching.
+inline void check_fused_scalars(int64_t divergence, double mix, double temperature, double soft, double hard,
+                                double s_cap, double t_cap, double s_scale, double t_scale, int64_t chunk_size) {
+  TORCH_CHECK(divergence >= 0 && divergence <= 5, "kdops.fused_linear_kd: divergence code must be in [0, 5], got ",
+              divergence);
+  check_scalars("kdops.fused_linear_kd", temperature, soft, hard, s_cap, t_cap, s_scale, t_scale, chunk_size);
+  TORCH_CHECK(mix >= 0.0 && mix <= 1.0, "kdops.fused_linear_kd: beta / skew must be in [0, 1], got ", mix);
+}
+
+inline void check_topk_scalars(int64_t tail, double retemper, double temperature, double soft, double hard,
+                               double s_cap, double s_scale, int64_t chunk_size) {
+  TORCH_CHECK(tail >= 0 && tail <= 2, "kdops.topk_kd: tail code must be in [0, 2], got ", tail);
+  check_scalars("kdops.topk_kd", temperature, soft, hard, s_cap, 0.0, s_scale, 1.0, chunk_size);
+  TORCH_CHECK(std::isfinite(retemper) && retemper > 0.0, "kdops.topk_kd: the re-tempering ratio must be > 0, got ",
+              retemper);
+}
+
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor>;
 
@@ -139,11 +210,8 @@ Outputs fused_linear_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, co
                             int64_t grad_mask, RowsFn&& rows_fn) {
   constexpr const char* op = "kdops.fused_linear_kd";
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  check_matrix(op, "student_hidden", sh_in, -1, "(tokens, Hs)");
-  check_matrix(op, "student_weight", sw_in, sh_in.size(1), "(V, Hs)");
-  check_same(op, "student_weight", sw_in, sh_in);
+  check_student(op, sh_in, sw_in, sb_in);
   const int64_t N = sh_in.size(0), V = sw_in.size(0);
-  check_bias(op, "student_bias", sb_in, V, sh_in);
   const bool t_gemm = th_in.has_value();
   TORCH_CHECK(t_gemm != tl_in.has_value(), op, ": give either teacher_hidden and teacher_weight or teacher_logits");
   int64_t Vt;
@@ -170,12 +238,7 @@ Outputs fused_linear_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, co
               ") differ: pass vocab_size, the number of leading columns both share");
   TORCH_CHECK(vs >= 1 && vs <= V && vs <= Vt, op, ": vocab_size must be in [1, min(V, Vt)] = [1, ", std::min(V, Vt),
               "], got ", vs);
-  if (target_in.has_value()) {
-    TORCH_CHECK(target_in->dim() == 1 && target_in->size(0) == N && target_in->scalar_type() == at::kLong, op,
-                ": target must be int64 (", N, ",), got ", target_in->sizes(), " ", target_in->scalar_type());
-    check_same(op, "target", *target_in, sh_in);
-  }
-  TORCH_CHECK(k.hard == acc_t(0) || target_in.has_value(), op, ": hard_weight != 0 needs a target");
+  check_target(op, target_in, N, sh_in, k.hard != acc_t(0));
   auto [w, w_stride] = prepare_weight<acc_t>(op, w_in, N, sh_in, acc);
 
   const auto opts = sh_in.options().dtype(acc);
@@ -214,36 +277,13 @@ Outputs fused_linear_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, co
     } else {
       T.copy_(tl_in->narrow(0, r0, n).narrow(1, 0, vs));
     }
-    Chunk<acc_t> ch;
-    ch.s = S.data_ptr<acc_t>();
-    ch.lds = vs;
+    Chunk<acc_t> ch = make_chunk<acc_t>(S, r0, n, target, ignore_index, w, w_stride, rows, grad_s);
     ch.t = T.data_ptr<acc_t>();
     ch.ldt = vs;
-    ch.n = n;
-    ch.v = vs;
-    ch.target = target.defined() ? target.data_ptr<int64_t>() + r0 : nullptr;
-    ch.ignore_index = ignore_index;
-    ch.w = w.defined() ? w.template data_ptr<acc_t>() + r0 * w_stride : nullptr;
-    ch.w_stride = w_stride;
-    ch.rows = rows.data_ptr<acc_t>() + r0;
-    ch.grad_s = grad_s;
     ch.grad_t = grad_t;
-    ch.ids = nullptr;
-    ch.lps = nullptr;
-    ch.k = 0;
     rows_fn(ch, k);
-    if (grad_mask & kGradSH) {
-      at::Tensor out = g_sh.narrow(0, r0, n);
-      at::mm_out(out, S, sw);
-    }
-    if (grad_mask & kGradSW) g_sw.narrow(0, 0, vs).addmm_(S.t(), hs);
-    if (g_sb.numel() > 0) g_sb.narrow(0, 0, vs).add_(S.sum(0));
-    if (g_th.numel() > 0) {
-      at::Tensor out = g_th.narrow(0, r0, n);
-      at::mm_out(out, T, tw);
-    }
-    if (g_tw.numel() > 0) g_tw.narrow(0, 0, vs).addmm_(T.t(), ht);
-    if (g_tb.numel() > 0) g_tb.narrow(0, 0, vs).add_(T.sum(0));
+    chunk_grads(S, sw, hs, r0, n, vs, grad_mask & kGradSH, grad_mask & kGradSW, g_sh, g_sw, g_sb);
+    if (t_gemm) chunk_grads(T, tw, ht, r0, n, vs, g_th.numel() > 0, g_tw.numel() > 0, g_th, g_tw, g_tb);
     if (g_tl.numel() > 0) g_tl.narrow(0, r0, n).narrow(1, 0, vs).copy_(T);
   }
   at::Tensor total = w.defined() ? rows.mul(w).sum() : rows.sum();
@@ -260,11 +300,8 @@ TopkOutputs topk_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, const 
                         int64_t vocab_size, int64_t chunk_size, int64_t grad_mask, RowsFn&& rows_fn) {
   constexpr const char* op = "kdops.topk_kd";
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  check_matrix(op, "student_hidden", sh_in, -1, "(tokens, Hs)");
-  check_matrix(op, "student_weight", sw_in, sh_in.size(1), "(V, Hs)");
-  check_same(op, "student_weight", sw_in, sh_in);
+  check_student(op, sh_in, sw_in, sb_in);
   const int64_t N = sh_in.size(0), V = sw_in.size(0);
-  check_bias(op, "student_bias", sb_in, V, sh_in);
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == N && ids_in.size(1) >= 1 && ids_in.scalar_type() == at::kLong,
               op, ": teacher_ids must be int64 (", N, ", K) with K >= 1, got ", ids_in.sizes(), " ",
               ids_in.scalar_type());
@@ -277,12 +314,7 @@ TopkOutputs topk_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, const 
   TORCH_CHECK(vs >= 1 && vs <= V, op, ": vocab_size must be in [1, V] = [1, ", V, "], got ", vs);
   const int64_t K = ids_in.size(1);
   TORCH_CHECK(K <= vs, op, ": teacher_ids has K = ", K, " ids per token, more than the vocabulary (", vs, ")");
-  if (target_in.has_value()) {
-    TORCH_CHECK(target_in->dim() == 1 && target_in->size(0) == N && target_in->scalar_type() == at::kLong, op,
-                ": target must be int64 (", N, ",), got ", target_in->sizes(), " ", target_in->scalar_type());
-    check_same(op, "target", *target_in, sh_in);
-  }
-  TORCH_CHECK(k.hard == acc_t(0) || target_in.has_value(), op, ": hard_weight != 0 needs a target");
+  check_target(op, target_in, N, sh_in, k.hard != acc_t(0));
   auto [w, w_stride] = prepare_weight<acc_t>(op, w_in, N, sh_in, acc);
 
   const auto opts = sh_in.options().dtype(acc);
@@ -305,30 +337,12 @@ TopkOutputs topk_kd_run(const at::Tensor& sh_in, const at::Tensor& sw_in, const 
     at::Tensor S = buf_s.narrow(0, 0, n);
     const at::Tensor hs = as_acc(sh_in.narrow(0, r0, n), acc);
     if (sb.defined()) at::addmm_out(S, sb, hs, sw.t()); else at::mm_out(S, hs, sw.t());
-    Chunk<acc_t> ch;
-    ch.s = S.data_ptr<acc_t>();
-    ch.lds = vs;
-    ch.t = nullptr;
-    ch.ldt = 0;
-    ch.n = n;
-    ch.v = vs;
-    ch.target = target.defined() ? target.data_ptr<int64_t>() + r0 : nullptr;
-    ch.ignore_index = ignore_index;
-    ch.w = w.defined() ? w.template data_ptr<acc_t>() + r0 * w_stride : nullptr;
-    ch.w_stride = w_stride;
-    ch.rows = rows.data_ptr<acc_t>() + r0;
-    ch.grad_s = grad_s;
-    ch.grad_t = false;
+    Chunk<acc_t> ch = make_chunk<acc_t>(S, r0, n, target, ignore_index, w, w_stride, rows, grad_s);
     ch.ids = ids.data_ptr<int64_t>() + r0 * K;
     ch.lps = lps.data_ptr<acc_t>() + r0 * K;
     ch.k = K;
     rows_fn(ch, k);
-    if (grad_mask & kGradSH) {
-      at::Tensor out = g_sh.narrow(0, r0, n);
-      at::mm_out(out, S, sw);
-    }
-    if (grad_mask & kGradSW) g_sw.narrow(0, 0, vs).addmm_(S.t(), hs);
-    if (g_sb.numel() > 0) g_sb.narrow(0, 0, vs).add_(S.sum(0));
+    chunk_grads(S, sw, hs, r0, n, vs, grad_mask & kGradSH, grad_mask & kGradSW, g_sh, g_sw, g_sb);
   }
   at::Tensor total = w.defined() ? rows.mul(w).sum() : rows.sum();
   return {total, rows, g_sh, g_sw, g_sb};

@@ -183,9 +183,71 @@ KDOPS_HOST_DEVICE acc_t teacher_grad(acc_t b, acc_t p, acc_t sb, acc_t f, acc_t 
 // With K = V there is no id outside K and no rest bucket: the bucket tail is the zero tail.
 template <typename acc_t>
 struct TopkRow {
-  acc_t value;  // the soft divergence of the row
-  acc_t c_out;  // coefficient of q_k outside K
+  acc_t value;       // the soft divergence of the row
+  acc_t c_out, c_r;  // the soft gradient outside K: c_out q_k + c_r q_k / R
+  acc_t P;           // the teacher's mass on K
+  acc_t qmax, izq;   // renormalize: max_K log q and 1 / sum_K exp(log q - qmax), so q_i / Q = e / Z
 };
+
+// The K-long side of a top-k row, serially (K is small next to V): lp (K,) holds the given log-probs and is
+// re-tempered in place (p^r / Z over K when `retemper`); fk (K,) the K ids' f. ms, ls: the student row's maximum
+// and log Z (its log q_i = (fk_i - ms) / T - ls); log_r: log of its mass outside K (bucket only).
+template <Tail TL, typename acc_t>
+KDOPS_HOST_DEVICE TopkRow<acc_t> topk_side(acc_t* lp, const acc_t* fk, int64_t K, int64_t V, acc_t ms, acc_t ls,
+                                           acc_t log_r, bool retemper, const Params<acc_t>& k) {
+  if (retemper) {
+    acc_t lmax = neg_inf<acc_t>();
+    for (int64_t i = 0; i < K; ++i) {
+      lp[i] *= k.mix;
+      lmax = max_of(lmax, lp[i]);
+    }
+    if (lmax != neg_inf<acc_t>()) {
+      acc_t z = 0;
+      for (int64_t i = 0; i < K; ++i) z += exp_(lp[i] - lmax);
+      const acc_t lz = lmax + log_(z);
+      for (int64_t i = 0; i < K; ++i) lp[i] -= lz;
+    }
+  }
+  TopkRow<acc_t> o{acc_t(0), acc_t(0), acc_t(0), acc_t(0), neg_inf<acc_t>(), acc_t(0)};
+  for (int64_t i = 0; i < K; ++i) {
+    o.P += exp_(lp[i]);
+    o.qmax = max_of(o.qmax, (fk[i] - ms) * k.inv_t - ls);
+  }
+  o.P = o.P < acc_t(1) ? o.P : acc_t(1);
+  const acc_t lP = o.P > acc_t(0) ? log_(o.P) : neg_inf<acc_t>();
+  acc_t lQ = 0;
+  if (TL == Tail::Renormalize) {
+    acc_t z = 0;
+    for (int64_t i = 0; i < K; ++i) z += exp_((fk[i] - ms) * k.inv_t - ls - o.qmax);
+    lQ = o.qmax + log_(z);
+    o.izq = acc_t(1) / z;
+  }
+  if (!(o.P > acc_t(0))) return o;  // no teacher mass: no soft term
+  for (int64_t i = 0; i < K; ++i) {
+    const acc_t p = exp_(lp[i]), lq = (fk[i] - ms) * k.inv_t - ls;
+    if (TL == Tail::Renormalize) o.value += pmul(p / o.P, (lp[i] - lP) - (lq - lQ));
+    else o.value += pmul(p, lp[i] - lq);
+  }
+  if (TL == Tail::Zero || (TL == Tail::Bucket && K == V)) o.c_out = o.P;  // K = V: no rest bucket
+  if (TL == Tail::Bucket && K < V) {
+    const acc_t rest = acc_t(1) - o.P;
+    if (rest > acc_t(0)) o.value += rest * (log_(rest) - log_r);
+    o.c_out = acc_t(1);
+    o.c_r = -rest;
+  }
+  if (TL != Tail::Zero) o.value = o.value > acc_t(0) ? o.value : acc_t(0);
+  return o;
+}
+
+// The soft gradient (before soft / T) at one of the K ids, q its student probability.
+template <Tail TL, typename acc_t>
+KDOPS_HOST_DEVICE acc_t topk_soft_at(const TopkRow<acc_t>& o, acc_t lp, acc_t lq, acc_t q, bool all_ids) {
+  if (!(o.P > acc_t(0))) return acc_t(0);
+  const acc_t p = exp_(lp);
+  if (TL == Tail::Renormalize) return exp_(lq - o.qmax) * o.izq - p / o.P;
+  if (TL == Tail::Zero || all_ids) return o.P * q - p;
+  return q - p;
+}
 
 }  // namespace lm
 }  // namespace kdops

@@ -104,6 +104,26 @@ def _chunk(name, chunk_size, n, row_bytes, device):
     return max(1, min(c, max(n, 1)))
 
 
+def _check_student(name, student_hidden, student_weight, student_bias):
+    """The student side's checks, shared by both losses; returns (Hs, V)."""
+    _float_tensor(name, "student_hidden", student_hidden)
+    if student_hidden.dim() < 1:
+        raise ValueError("%s: student_hidden must be (..., Hs), got a scalar" % name)
+    _float_tensor(name, "student_weight", student_weight, 2)
+    hs = student_hidden.shape[-1]
+    if student_weight.shape[1] != hs:
+        raise ValueError("%s: student_weight must be (V, %d) to match student_hidden's width, got %s"
+                         % (name, hs, tuple(student_weight.shape)))
+    V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError("%s: student_weight has no rows (V = 0); the vocabulary needs at least one token" % name)
+    if student_bias is not None:
+        _float_tensor(name, "student_bias", student_bias, 1)
+        if student_bias.shape[0] != V:
+            raise ValueError("%s: student_bias must be (%d,), got %s" % (name, V, tuple(student_bias.shape)))
+    return hs, V
+
+
 def _rows_and_target(name, student_hidden, target, ignore_index, hard_weight):
     lead = student_hidden.shape[:-1]
     n = int(math.prod(lead))
@@ -174,21 +194,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     CPU; on CUDA 1 GiB, at most 1/8 of the free memory).
     """
     name = "fused_linear_kd_loss"
-    _float_tensor(name, "student_hidden", student_hidden)
-    if student_hidden.dim() < 1:
-        raise ValueError("%s: student_hidden must be (..., Hs), got a scalar" % name)
-    _float_tensor(name, "student_weight", student_weight, 2)
-    hs = student_hidden.shape[-1]
-    if student_weight.shape[1] != hs:
-        raise ValueError("%s: student_weight must be (V, %d) to match student_hidden's width, got %s"
-                         % (name, hs, tuple(student_weight.shape)))
-    V = student_weight.shape[0]
-    if V == 0:
-        raise ValueError("%s: student_weight has no rows (V = 0); the vocabulary needs at least one token" % name)
-    if student_bias is not None:
-        _float_tensor(name, "student_bias", student_bias, 1)
-        if student_bias.shape[0] != V:
-            raise ValueError("%s: student_bias must be (%d,), got %s" % (name, V, tuple(student_bias.shape)))
+    hs, V = _check_student(name, student_hidden, student_weight, student_bias)
     lead = student_hidden.shape[:-1]
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
@@ -302,21 +308,7 @@ def topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, 
     :func:`fused_linear_kd_loss`.
     """
     name = "topk_kd_loss"
-    _float_tensor(name, "student_hidden", student_hidden)
-    if student_hidden.dim() < 1:
-        raise ValueError("%s: student_hidden must be (..., Hs), got a scalar" % name)
-    _float_tensor(name, "student_weight", student_weight, 2)
-    hs = student_hidden.shape[-1]
-    if student_weight.shape[1] != hs:
-        raise ValueError("%s: student_weight must be (V, %d) to match student_hidden's width, got %s"
-                         % (name, hs, tuple(student_weight.shape)))
-    V = student_weight.shape[0]
-    if V == 0:
-        raise ValueError("%s: student_weight has no rows (V = 0); the vocabulary needs at least one token" % name)
-    if student_bias is not None:
-        _float_tensor(name, "student_bias", student_bias, 1)
-        if student_bias.shape[0] != V:
-            raise ValueError("%s: student_bias must be (%d,), got %s" % (name, V, tuple(student_bias.shape)))
+    hs, V = _check_student(name, student_hidden, student_weight, student_bias)
     lead = student_hidden.shape[:-1]
     if not isinstance(teacher_ids, torch.Tensor) or teacher_ids.is_floating_point() or teacher_ids.is_complex() \
             or teacher_ids.dtype == torch.bool:

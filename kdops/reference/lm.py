@@ -55,6 +55,18 @@ def _reduce(rows, keep, reduction, num_items_in_batch):
     return rows.sum() / keep.sum().clamp(min=1)
 
 
+def _with_hard(rows, fs, lead, target, hard_weight, ignore_index, reduction, num_items_in_batch):
+    """rows plus hard_weight times the CE of the untempered student logits fs, masked and reduced."""
+    keep = torch.ones(lead, dtype=torch.bool, device=fs.device)
+    if target is not None:
+        keep = target != ignore_index
+        if hard_weight != 0:
+            safe = torch.where(keep, target, torch.zeros_like(target))
+            ce = torch.logsumexp(fs, -1) - fs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            rows = rows + hard_weight * ce
+    return _reduce(rows, keep, reduction, num_items_in_batch)
+
+
 def _student_logits(student_hidden, student_weight, student_bias, vs, scale, cap):
     z = student_hidden @ student_weight[:vs].T
     if student_bias is not None:
@@ -84,15 +96,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     soft = _divergence(ls, lt, divergence, beta, skew).clamp(min=0)
     if scale_t2:
         soft = soft * temperature ** 2
-    rows = soft_weight * soft
-    keep = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
-    if target is not None:
-        keep = target != ignore_index
-        if hard_weight != 0:
-            safe = torch.where(keep, target, torch.zeros_like(target))
-            ce = torch.logsumexp(fs, -1) - fs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-            rows = rows + hard_weight * ce
-    return _reduce(rows, keep, reduction, num_items_in_batch)
+    return _with_hard(soft_weight * soft, fs, lead, target, hard_weight, ignore_index, reduction, num_items_in_batch)
 
 
 def topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, target=None, student_bias=None,
@@ -127,12 +131,4 @@ def topk_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, 
     soft = torch.where(has_teacher, soft, torch.zeros_like(soft))
     if scale_t2:
         soft = soft * temperature ** 2
-    rows = soft_weight * soft
-    keep = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
-    if target is not None:
-        keep = target != ignore_index
-        if hard_weight != 0:
-            safe = torch.where(keep, target, torch.zeros_like(target))
-            ce = torch.logsumexp(fs, -1) - fs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-            rows = rows + hard_weight * ce
-    return _reduce(rows, keep, reduction, num_items_in_batch)
+    return _with_hard(soft_weight * soft, fs, lead, target, hard_weight, ignore_index, reduction, num_items_in_batch)
