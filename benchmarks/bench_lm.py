@@ -13,7 +13,9 @@ Providers (each takes the four tensors and returns the mean loss):
 
 - ``kdops``: ``kdops.functional.fused_linear_kd_loss(sh, sw, th, tw, divergence=..., beta=0.5)`` (default
   chunk_size: a power of two, 64 MiB of fp32 student + teacher logits per chunk on the CPU, 256 tokens at V =
-  32000). bf16 inputs are read through fp32 copies: logits, softmax and gradients in fp32.
+  32000). On a CPU with AVX512-BF16, bf16 inputs go to kdops' bf16 GEMMs (fp32 accumulators and results, the
+  logits' gradients split into two bf16 terms for the gradient GEMMs); elsewhere they are read through fp32
+  copies. Either way logits, softmax and gradients are fp32.
 - ``eager``: the reference ``kdops.reference.fused_linear_kd_loss``, the whole (tokens, V) logits formed and the
   formulas written term by term, autograd for the backward. For bf16 inputs it computes in bf16 (the logits,
   log-softmaxes and divergence terms are bf16 tensors), as eager PyTorch code does.
@@ -40,6 +42,10 @@ Providers (each takes the four tensors and returns the mean loss):
   weights once per call, the hidden states per chunk, into preallocated fp32 buffers; it skips the downcast of
   the gradients to bf16 that kdops returns. No softmax, no divergence: kdops / floor is what the row kernel and
   the glue add to the GEMMs.
+- ``gemm_bf16`` (bf16 rows only, a column beside the providers): the same four chunked GEMMs on the bf16 inputs
+  through ``torch.mm`` (oneDNN), with bf16 outputs. It rounds the logits to bf16, so it is no implementation of
+  the loss; it is the speed of torch's GEMMs on bf16 inputs here, below which no GEMM-based loss can go. "vs
+  gemm_bf16" below 1 is kdops' time over it inverted.
 
 Before timing, every ``kdops`` and ``liger*`` benchmark checks its loss and both student gradients against the
 reference in float64 on the first CHECK_TOKENS tokens of the same (dtype-rounded) inputs, and the ``liger*``
@@ -239,3 +245,40 @@ def test_floor_gemm(benchmark, shape, dtype, device):
     inputs = make_inputs(shape, DTYPES[dtype], device)
     benchmark.extra_info["provider"] = "gemm_floor"
     run(benchmark, "lm", gemm_floor(*inputs), device, shape=shape_id(shape), dtype=dtype, mode="floor")
+
+
+def gemm_bf16(sh, sw, th, tw):
+    """The same four chunked GEMMs on the bf16 inputs as torch.mm runs them (oneDNN on CPU): bf16 outputs, so the
+    logits and their gradients rounded to bf16. Not an implementation of the loss (that rounding is the accuracy
+    fault kdops avoids), but the speed of these GEMMs on bf16 inputs on this machine."""
+    n, hs = sh.shape
+    v, ht = tw.shape
+    chunk = _chunk("gemm_bf16", None, n, 4 * v * 2, sh.device)  # the chunks of gemm_floor
+    new = lambda *size: torch.empty(size, dtype=sh.dtype, device=sh.device)  # noqa: E731
+    zs, zt, gh, gw = new(chunk, v), new(chunk, v), new(n, hs), new(v, hs)
+
+    @torch.no_grad()
+    def call():
+        for i, s in enumerate(range(0, n, chunk)):
+            e = min(s + chunk, n)
+            hs_c, ht_c = sh[s:e], th[s:e]
+            g = torch.mm(hs_c, sw.T, out=zs[:e - s])
+            torch.mm(ht_c, tw.T, out=zt[:e - s])
+            torch.mm(g, sw, out=gh[s:e])
+            gw.addmm_(g.T, hs_c, beta=0.0 if i == 0 else 1.0)
+        return gh, gw
+    return call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [d for d in dtypes(DTYPES) if d == "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gemm_bf16(benchmark, shape, dtype, divergence, device):
+    """The four chunked GEMMs in bf16 (bf16 outputs), a column of the bf16 rows: kdops' time against it is what
+    the fp32 results (the extra pair of gradient GEMMs of the hi / lo split, the fp32 logits) and the row kernel
+    cost on top of torch's fastest GEMMs. The divergence is only the row it joins."""
+    inputs = make_inputs(shape, DTYPES[dtype], device)
+    benchmark.extra_info["provider"] = "gemm_bf16"
+    run(benchmark, "lm", gemm_bf16(*inputs), device, shape=shape_id(shape), dtype=dtype, divergence=divergence,
+        mode="fwd+bwd")
