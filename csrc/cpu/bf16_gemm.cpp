@@ -104,23 +104,34 @@ KDOPS_BF16_TARGET inline void split16(__m512 x, __m512i& hi, __m512i& lo) {
   lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
 }
 
-// Rows [i0, i1) of pairs of G: 32 columns at a time, two rows of fp32 split into bf16 and interleaved into words.
-KDOPS_BF16_TARGET void pack_cols_rows(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* hi_out,
-                                      uint32_t* lo_out, int64_t i0, int64_t i1) {
-  const int64_t K2 = (K + 1) / 2, P = (N + kPanel - 1) / kPanel;
+// Pairs [i0, i1) of rows of G, 32 columns at a time: two rows of fp32 split into bf16 hi and lo, interleaved
+// into words: hi at pair i of each panel, lo (stacked) at pair K2 + i; and row-major hi and lo when asked.
+KDOPS_BF16_TARGET void pack_cols_rows(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked,
+                                      uint16_t* hi_rows, uint16_t* lo_rows, int64_t i0, int64_t i1) {
+  const int64_t K2 = (K + 1) / 2, P = (N + kPanel - 1) / kPanel, stride = stacked ? 2 * K2 : K2;
   for (int64_t i = i0; i < i1; ++i) {
     const float* r0 = G + 2 * i * ldg;
     const float* r1 = 2 * i + 1 < K ? r0 + ldg : nullptr;
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t at = (p * K2 + i) * kPanel;
+      const int64_t at = (p * stride + i) * kPanel;
       for (int h = 0; h < 2; ++h) {
         const int64_t col = p * kPanel + 16 * h;
         const __mmask16 m = lanes(N - col);
         __m512i ah, al, bh, bl;
         split16(_mm512_maskz_loadu_ps(m, r0 + col), ah, al);
         split16(r1 ? _mm512_maskz_loadu_ps(m, r1 + col) : _mm512_setzero_ps(), bh, bl);
-        _mm512_storeu_si512(hi_out + at + 16 * h, _mm512_or_si512(ah, _mm512_slli_epi32(bh, 16)));
-        if (lo_out) _mm512_storeu_si512(lo_out + at + 16 * h, _mm512_or_si512(al, _mm512_slli_epi32(bl, 16)));
+        _mm512_storeu_si512(out + at + 16 * h, _mm512_or_si512(ah, _mm512_slli_epi32(bh, 16)));
+        if (stacked)
+          _mm512_storeu_si512(out + at + K2 * kPanel + 16 * h, _mm512_or_si512(al, _mm512_slli_epi32(bl, 16)));
+        if (hi_rows) {
+          const int64_t o = 2 * i * N + col;
+          _mm256_mask_storeu_epi16(hi_rows + o, m, _mm512_cvtepi32_epi16(ah));
+          _mm256_mask_storeu_epi16(lo_rows + o, m, _mm512_cvtepi32_epi16(al));
+          if (r1) {
+            _mm256_mask_storeu_epi16(hi_rows + o + N, m, _mm512_cvtepi32_epi16(bh));
+            _mm256_mask_storeu_epi16(lo_rows + o + N, m, _mm512_cvtepi32_epi16(bl));
+          }
+        }
       }
     }
   }
@@ -203,9 +214,12 @@ void task(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t m0, int64_t
 }  // namespace
 #endif
 
-void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* hi, uint32_t* lo) {
+void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked, uint16_t* hi_rows,
+                   uint16_t* lo_rows) {
 #if KDOPS_HAVE_BF16_KERNEL
-  at::parallel_for(0, (K + 1) / 2, 8, [&](int64_t i0, int64_t i1) { pack_cols_rows(G, K, N, ldg, hi, lo, i0, i1); });
+  at::parallel_for(0, (K + 1) / 2, 8, [&](int64_t i0, int64_t i1) {
+    pack_cols_rows(G, K, N, ldg, out, stacked, hi_rows, lo_rows, i0, i1);
+  });
 #else
   TORCH_INTERNAL_ASSERT(false, "kdops: the bf16 GEMM kernels are not built on this platform");
 #endif

@@ -28,8 +28,12 @@ void pack_rows(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint32_t* o
 void pack_cols(const uint16_t* W, int64_t K, int64_t N, int64_t ldw, uint32_t* out);
 
 // G is (K, N) row-major fp32, split as G = hi + lo in bf16 (hi = G rounded to nearest even, lo = the remainder
-// rounded): hi packed as B(k, n) = hi(k, n), and lo likewise when lo is not null.
-void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* hi, uint32_t* lo);
+// rounded). Packs B(k, n) = hi(k, n), or with stacked the (2 K2 x 2, N) B of hi stacked over lo along K
+// (K2 = ceil(K / 2) pairs each; packed_words(4 K2, N) words), so that one GEMM against A = [a | a] (each half
+// K rounded up to even, the pad column 0) sums a hi + a lo. hi_rows and lo_rows (both or neither): the split
+// also written row-major (row stride N), in the same pass over G.
+void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked, uint16_t* hi_rows,
+                   uint16_t* lo_rows);
 
 // The same split of G (rows, cols), row stride ldg, into row-major bf16 hi and lo (row stride cols).
 void split_f32(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo);

@@ -189,8 +189,9 @@ struct Bf16Gemms {
   int64_t (*packed_words)(int64_t K, int64_t N);
   void (*pack_rows)(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint32_t* out);  // B = W^T
   void (*pack_cols)(const uint16_t* W, int64_t K, int64_t N, int64_t ldw, uint32_t* out);  // B = W
-  // B = hi and B = lo, where G = hi + lo in bf16; row-major hi and lo
-  void (*pack_cols_f32)(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* hi, uint32_t* lo);
+  // G = hi + lo in bf16: B = [hi; lo] stacked along K (or hi alone), and optionally hi and lo row-major
+  void (*pack_cols_f32)(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked,
+                        uint16_t* hi_rows, uint16_t* lo_rows);
   void (*split_f32)(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo);
   void (*gemm)(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t M, int64_t N, int64_t K, float* C,
                int64_t ldc, bool add);
@@ -213,9 +214,10 @@ struct Side {
   at::Tensor b;       // (vs,) bias in the accumulation dtype, or undefined
   at::Tensor packed;  // fast path: w packed as the logits GEMM's B (W^T)
   at::Tensor wcols;   // fast path, hidden-state gradient: w packed as that GEMM's B (W)
-  at::Tensor g_hi, g_lo;    // fast path, hidden-state gradient: the chunk's G = hi + lo, row-major bf16
-  at::Tensor gp_hi, gp_lo;  // fast path, weight gradient: the same, packed as that GEMM's B
-  at::Tensor gwt;           // fast path, weight gradient: (H, vs) in fp32
+  at::Tensor g_hi, g_lo;  // fast path, hidden-state gradient: the chunk's G = hi + lo, row-major bf16
+  at::Tensor gp;          // fast path, weight gradient: [hi; lo] packed as that GEMM's B
+  at::Tensor hth;         // fast path, weight gradient: its A, [h^T | h^T] (H, 2 ce), each half padded to even
+  at::Tensor gwt;         // fast path, weight gradient: (H, vs) in fp32
 
   Side(const Bf16Gemms* f, const at::Tensor& h_in, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
        int64_t vs_, at::ScalarType acc_, int64_t c, bool want_h, bool want_w)
@@ -239,8 +241,9 @@ struct Side {
       g_lo = at::empty({c, vs}, w.options());
     }
     if (want_w) {
-      gp_hi = at::empty({f->packed_words(c, vs)}, words);
-      gp_lo = at::empty({f->packed_words(c, vs)}, words);
+      const int64_t ce = c + (c & 1);
+      gp = at::empty({f->packed_words(2 * ce, vs)}, words);
+      hth = at::empty({H, 2 * ce}, w.options());
       gwt = at::zeros({H, vs}, w.options().dtype(at::kFloat));
     }
   }
@@ -270,17 +273,25 @@ struct Side {
              at::Tensor& g_h, at::Tensor& g_w, at::Tensor& g_b) {
     if (!fast) return chunk_grads(G, w, h, r0, n, vs, want_h, want_w, g_h, g_w, g_b);
     const float* g = G.const_data_ptr<float>();
-    if (want_h) {  // g_h rows = hi W + lo W
+    // one pass over G splits it: packed for the weight gradient, row-major for the hidden-state gradient
+    if (want_w) {
+      fast->pack_cols_f32(g, n, vs, G.stride(0), u32(gp), true, want_h ? mut16(g_hi) : nullptr,
+                          want_h ? mut16(g_lo) : nullptr);
+    } else if (want_h) {
       fast->split_f32(g, n, vs, G.stride(0), mut16(g_hi), mut16(g_lo));
+    }
+    if (want_h) {  // g_h rows = hi W + lo W
       float* out = g_h.data_ptr<float>() + r0 * g_h.stride(0);
       fast->gemm(u16(g_hi), vs, u32(wcols), n, H, vs, out, g_h.stride(0), false);
       fast->gemm(u16(g_lo), vs, u32(wcols), n, H, vs, out, g_h.stride(0), true);
     }
-    if (want_w) {  // gwt += h^T hi + h^T lo
-      fast->pack_cols_f32(g, n, vs, G.stride(0), u32(gp_hi), u32(gp_lo));
-      const at::Tensor ht = h.t().contiguous();  // (H, n)
-      fast->gemm(u16(ht), n, u32(gp_hi), H, vs, n, gwt.data_ptr<float>(), vs, true);
-      fast->gemm(u16(ht), n, u32(gp_lo), H, vs, n, gwt.data_ptr<float>(), vs, true);
+    if (want_w) {  // gwt += [h^T | h^T] [hi; lo], one pass over gwt
+      const int64_t ne = n + (n & 1);
+      at::Tensor a = hth.narrow(1, 0, 2 * ne);
+      if (n & 1) a.zero_();
+      a.narrow(1, 0, n).copy_(h.t());
+      a.narrow(1, ne, n).copy_(h.t());
+      fast->gemm(u16(a), a.stride(0), u32(gp), H, vs, 2 * ne, gwt.data_ptr<float>(), vs, true);
     }
     if (g_b.numel() > 0) g_b.narrow(0, 0, vs).add_(G.sum(0));
   }
