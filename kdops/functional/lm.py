@@ -24,8 +24,11 @@ and overwrites the logits with their gradient in a few passes that stay in cache
 chunk's hidden-state gradients and add its weight gradients (kept in fp32). The gradients are formed during the
 forward, so the backward only scales them. The teacher's gradients are formed too when its tensors require grad.
 
-Dtypes: any float dtypes; 16-bit hidden states and weights are read through fp32 copies (the weight once per
-call, the hidden states per chunk), so no logit is rounded to 16 bits before the softmax. The result is fp32 for
+Dtypes: any float dtypes; no logit is rounded to 16 bits before the softmax. On a CPU with AVX512-BF16, bf16
+hidden states and weights go to kdops' bf16 GEMMs, which read them as they are and return the fp32 accumulator
+(the logits' gradients enter the gradient GEMMs as two bf16 terms, hi + lo, so those gradients are as accurate
+as with fp32 GEMMs); ``KDOPS_CPU_BF16_GEMM=0`` turns them off. Other 16-bit inputs (fp16, bf16 elsewhere) are
+read through fp32 copies (the weight once per call, the hidden states per chunk). The result is fp32 for
 16-bit or fp32 inputs, fp64 when an input is fp64; each gradient comes back in its input's dtype. Under
 autocast the loss is computed as outside it.
 
