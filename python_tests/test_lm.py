@@ -903,3 +903,21 @@ def test_bf16_cpu_gemms_topk(monkeypatch, path):
     within_fp32_error(ours, exact, fp32_g, torch.bfloat16, 1.25)
     torch.testing.assert_close(ours_v.double(), exact_v, rtol=1e-5, atol=0)
     assert (ours["student_weight"][1271:] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["bf16_gemms", "fp32_copies"])
+def test_bf16_cpu_gemms_zero_width(monkeypatch, path):
+    # Hs = 0: the student's logits are an empty sum, 0, in every chunk (a GEMM that skipped them would leave the
+    # previous chunk's gradients in the reused buffer)
+    if path == "fp32_copies":
+        monkeypatch.setenv("KDOPS_CPU_BF16_GEMM", "0")
+    g = torch.Generator().manual_seed(23)
+    x = dict(student_hidden=torch.randn(9, 0, generator=g).bfloat16(),
+             student_weight=torch.randn(7, 0, generator=g).bfloat16(),
+             teacher_hidden=torch.randn(9, 3, generator=g).bfloat16(),
+             teacher_weight=torch.randn(7, 3, generator=g).bfloat16())
+    ours_v, ours = run(F.fused_linear_kd_loss, x, chunk_size=2)
+    exact_v, exact = run(R.fused_linear_kd_loss, to64(x))
+    torch.testing.assert_close(ours_v.double(), exact_v, rtol=1e-5, atol=0)
+    for k in ("teacher_hidden", "teacher_weight"):
+        torch.testing.assert_close(ours[k].double(), exact[k], rtol=2 ** -7, atol=1e-4)

@@ -237,6 +237,11 @@ void gemm(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t M, int64_t 
           bool add) {
 #if KDOPS_HAVE_BF16_KERNEL
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: C = 0, or C as it is
+    if (!add)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
   const int64_t P = (N + kPanel - 1) / kPanel, MB = (M + kMBlock - 1) / kMBlock;
   // Consecutive tasks (one thread's share) keep the larger operand's block: A's rows when A is the larger
   // (the weight-gradient GEMM, M = vocabulary), else B's panel (the logits GEMM, N = vocabulary).

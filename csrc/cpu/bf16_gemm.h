@@ -39,7 +39,8 @@ void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* 
 void split_f32(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo);
 
 // C (M x N, fp32, row stride ldc) = A B, or += A B when add. A is (M, K) row-major bf16 (row stride lda).
-// B is packed by one of the above. Subnormal bf16 inputs count as 0 (VDPBF16PS treats them so).
+// B is packed by one of the above. K = 0 gives C = 0 (or leaves C as it is when add). Subnormal bf16 inputs count
+// as 0 (VDPBF16PS treats them so).
 void gemm(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t M, int64_t N, int64_t K, float* C, int64_t ldc,
           bool add);
 
