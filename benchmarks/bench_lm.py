@@ -13,7 +13,8 @@ Providers (each takes the four tensors and returns the mean loss):
 
 - ``kdops``: ``kdops.functional.fused_linear_kd_loss(sh, sw, th, tw, divergence=..., beta=0.5)`` (default
   chunk_size: a power of two, 64 MiB of fp32 student + teacher logits per chunk on the CPU, 256 tokens at V =
-  32000). On a CPU with AVX512-BF16, bf16 inputs go to kdops' bf16 GEMMs (fp32 accumulators and results, the
+  32000). On a CPU with AVX512-BF16, bf16 inputs go to kdops' bf16 GEMMs (``csrc/cpu/bf16_gemm.h``, measured
+  here inside the op, against the ``gemm_bf16`` column; fp32 accumulators and results, the
   logits' gradients split into two bf16 terms for the gradient GEMMs); elsewhere they are read through fp32
   copies. Either way logits, softmax and gradients are fp32.
 - ``eager``: the reference ``kdops.reference.fused_linear_kd_loss``, the whole (tokens, V) logits formed and the

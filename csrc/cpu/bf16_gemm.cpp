@@ -105,7 +105,8 @@ KDOPS_BF16_TARGET inline void split16(__m512 x, __m512i& hi, __m512i& lo) {
 }
 
 // Pairs [i0, i1) of rows of G, 32 columns at a time: two rows of fp32 split into bf16 hi and lo, interleaved
-// into words: hi at pair i of each panel, lo (stacked) at pair K2 + i; and row-major hi and lo when asked.
+// into words (unless out is null): hi at pair i of each panel, lo (stacked) at pair K2 + i; and row-major hi and
+// lo when asked.
 KDOPS_BF16_TARGET void pack_cols_rows(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked,
                                       uint16_t* hi_rows, uint16_t* lo_rows, int64_t i0, int64_t i1) {
   const int64_t K2 = (K + 1) / 2, P = (N + kPanel - 1) / kPanel, stride = stacked ? 2 * K2 : K2;
@@ -120,8 +121,8 @@ KDOPS_BF16_TARGET void pack_cols_rows(const float* G, int64_t K, int64_t N, int6
         __m512i ah, al, bh, bl;
         split16(_mm512_maskz_loadu_ps(m, r0 + col), ah, al);
         split16(r1 ? _mm512_maskz_loadu_ps(m, r1 + col) : _mm512_setzero_ps(), bh, bl);
-        _mm512_storeu_si512(out + at + 16 * h, _mm512_or_si512(ah, _mm512_slli_epi32(bh, 16)));
-        if (stacked)
+        if (out) _mm512_storeu_si512(out + at + 16 * h, _mm512_or_si512(ah, _mm512_slli_epi32(bh, 16)));
+        if (out && stacked)
           _mm512_storeu_si512(out + at + K2 * kPanel + 16 * h, _mm512_or_si512(al, _mm512_slli_epi32(bl, 16)));
         if (hi_rows) {
           const int64_t o = 2 * i * N + col;
@@ -133,20 +134,6 @@ KDOPS_BF16_TARGET void pack_cols_rows(const float* G, int64_t K, int64_t N, int6
           }
         }
       }
-    }
-  }
-}
-
-// Rows [r0, r1) of G split into row-major bf16 hi and lo.
-KDOPS_BF16_TARGET void split_rows(const float* G, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo, int64_t r0,
-                                  int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 m = lanes(cols - j);
-      __m512i h, l;
-      split16(_mm512_maskz_loadu_ps(m, G + r * ldg + j), h, l);
-      _mm256_mask_storeu_epi16(hi + r * cols + j, m, _mm512_cvtepi32_epi16(h));
-      _mm256_mask_storeu_epi16(lo + r * cols + j, m, _mm512_cvtepi32_epi16(l));
     }
   }
 }
@@ -220,14 +207,6 @@ void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* 
   at::parallel_for(0, (K + 1) / 2, 8, [&](int64_t i0, int64_t i1) {
     pack_cols_rows(G, K, N, ldg, out, stacked, hi_rows, lo_rows, i0, i1);
   });
-#else
-  TORCH_INTERNAL_ASSERT(false, "kdops: the bf16 GEMM kernels are not built on this platform");
-#endif
-}
-
-void split_f32(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo) {
-#if KDOPS_HAVE_BF16_KERNEL
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { split_rows(G, cols, ldg, hi, lo, r0, r1); });
 #else
   TORCH_INTERNAL_ASSERT(false, "kdops: the bf16 GEMM kernels are not built on this platform");
 #endif

@@ -31,12 +31,9 @@ void pack_cols(const uint16_t* W, int64_t K, int64_t N, int64_t ldw, uint32_t* o
 // rounded). Packs B(k, n) = hi(k, n), or with stacked the (2 K2 x 2, N) B of hi stacked over lo along K
 // (K2 = ceil(K / 2) pairs each; packed_words(4 K2, N) words), so that one GEMM against A = [a | a] (each half
 // K rounded up to even, the pad column 0) sums a hi + a lo. hi_rows and lo_rows (both or neither): the split
-// also written row-major (row stride N), in the same pass over G.
+// also written row-major (row stride N), in the same pass over G; out null: only those.
 void pack_cols_f32(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked, uint16_t* hi_rows,
                    uint16_t* lo_rows);
-
-// The same split of G (rows, cols), row stride ldg, into row-major bf16 hi and lo (row stride cols).
-void split_f32(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo);
 
 // C (M x N, fp32, row stride ldc) = A B, or += A B when add. A is (M, K) row-major bf16 (row stride lda).
 // B is packed by one of the above. K = 0 gives C = 0 (or leaves C as it is when add). Subnormal bf16 inputs count

@@ -400,7 +400,7 @@ bool bf16_gemm_usable() {
 }
 
 const lm::Bf16Gemms kBf16Gemms{bf16_gemm_usable, bf16::packed_words, bf16::pack_rows, bf16::pack_cols,
-                               bf16::pack_cols_f32, bf16::split_f32, bf16::gemm};
+                               bf16::pack_cols_f32, bf16::gemm};
 
 lm::Outputs fused_linear_kd_cpu(const at::Tensor& sh, const at::Tensor& sw, const std::optional<at::Tensor>& sb,
                                 const std::optional<at::Tensor>& th, const std::optional<at::Tensor>& tw,

@@ -189,10 +189,10 @@ struct Bf16Gemms {
   int64_t (*packed_words)(int64_t K, int64_t N);
   void (*pack_rows)(const uint16_t* W, int64_t N, int64_t K, int64_t ldw, uint32_t* out);  // B = W^T
   void (*pack_cols)(const uint16_t* W, int64_t K, int64_t N, int64_t ldw, uint32_t* out);  // B = W
-  // G = hi + lo in bf16: B = [hi; lo] stacked along K (or hi alone), and optionally hi and lo row-major
+  // G = hi + lo in bf16: B = [hi; lo] stacked along K (or hi alone; out null: none), and optionally hi and lo
+  // row-major
   void (*pack_cols_f32)(const float* G, int64_t K, int64_t N, int64_t ldg, uint32_t* out, bool stacked,
                         uint16_t* hi_rows, uint16_t* lo_rows);
-  void (*split_f32)(const float* G, int64_t rows, int64_t cols, int64_t ldg, uint16_t* hi, uint16_t* lo);
   void (*gemm)(const uint16_t* A, int64_t lda, const uint32_t* B, int64_t M, int64_t N, int64_t K, float* C,
                int64_t ldc, bool add);
 };
@@ -274,11 +274,9 @@ struct Side {
     if (!fast) return chunk_grads(G, w, h, r0, n, vs, want_h, want_w, g_h, g_w, g_b);
     const float* g = G.const_data_ptr<float>();
     // one pass over G splits it: packed for the weight gradient, row-major for the hidden-state gradient
-    if (want_w) {
-      fast->pack_cols_f32(g, n, vs, G.stride(0), u32(gp), true, want_h ? mut16(g_hi) : nullptr,
+    if (want_w || want_h) {
+      fast->pack_cols_f32(g, n, vs, G.stride(0), want_w ? u32(gp) : nullptr, true, want_h ? mut16(g_hi) : nullptr,
                           want_h ? mut16(g_lo) : nullptr);
-    } else if (want_h) {
-      fast->split_f32(g, n, vs, G.stride(0), mut16(g_hi), mut16(g_lo));
     }
     if (want_h) {  // g_h rows = hi W + lo W
       float* out = g_h.data_ptr<float>() + r0 * g_h.stride(0);
