@@ -15,6 +15,13 @@ TORCH_LIBRARY_FRAGMENT(kdops, m) {
       "float temperature, str divergence, float alpha, float beta, int ignore_index, bool student_grad, "
       "bool teacher_grad, float scale=1.0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The KL case of kd_div for training, CPU only: also returns the student gradient of the summed outputs
+  // (grad_loss = 1 per row), formed from the forward's exps. Its autograd scales that gradient by grad_loss, or
+  // runs kd_div_backward where scaling a rounded 16-bit gradient would round it twice (kdops/_ops/kd.py).
+  m.def(
+      "kd_div_with_grad(Tensor student, Tensor teacher, Tensor? target, float temperature, int ignore_index, "
+      "float scale=1.0) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // Mutual learning over N peers (a list of N logits tensors (R, C), R rows): per peer and row
   // scale * sum_{j != i} KL(p_j || p_i), p = softmax(z / T), as (N, R), and the peers' row stats (N, R, 2: max
   // logit, log-normaliser) for the backward, which gives each peer the gradient of its own value with the other

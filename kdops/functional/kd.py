@@ -21,6 +21,7 @@ import numbers
 import torch
 
 from kdops import _ops  # noqa: F401  (autograd / fake registrations)
+from kdops._ops.kd import KlWithGrad
 from kdops.functional import _dtypes
 from kdops.functional._checks import check_positive, check_same, finite
 
@@ -65,6 +66,19 @@ def _check_target(name, target, logits, required):
     return target.long()
 
 
+def _forward_with_grad(divergence, student_logits, teacher_logits, plain_sum):
+    """Whether the KL forward should also form the student gradient (kdops::kd_div_with_grad): on the CPU, in
+    eager mode, for a student that will be differentiated and a teacher that will not. The backward then has no
+    kernel to run when it only scales that gradient: always in fp32 / fp64, and in 16-bit dtypes where the loss is
+    a plain sum of the rows' values (sum, or batchmean / mean without a target), whose gradient is the upstream
+    one. Other 16-bit cases keep the separate backward kernel, which rounds once."""
+    if divergence != "kl" or student_logits.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if not student_logits.requires_grad or teacher_logits.requires_grad or torch.compiler.is_compiling():
+        return False
+    return student_logits.dtype in (torch.float32, torch.float64) or plain_sum
+
+
 def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduction, scale, target,
             ignore_index, alpha=0.0, beta=0.0, target_required=False):
     _check_logits(name, student_logits, teacher_logits)
@@ -81,11 +95,19 @@ def _kd_div(name, student_logits, teacher_logits, divergence, temperature, reduc
     folded = target is None and reduction in ("batchmean", "mean") and student_logits.dtype != torch.float16
     if folded:
         op_scale /= rows if reduction == "batchmean" else rows * num_classes
-    per_row, _ = torch.ops.kdops.kd_div(student_logits, teacher_logits, target, float(temperature), divergence,
-                                        float(alpha), float(beta), int(ignore_index), op_scale)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
+    plain_sum = folded or reduction == "sum"
+    if _forward_with_grad(divergence, student_logits, teacher_logits, plain_sum):
+        out = KlWithGrad.apply(student_logits, teacher_logits, target, float(temperature), int(ignore_index),
+                               op_scale, reduction != "none")
+        if reduction == "none" or plain_sum:
+            return out
+        total = out
+    else:
+        per_row, _ = torch.ops.kdops.kd_div(student_logits, teacher_logits, target, float(temperature), divergence,
+                                            float(alpha), float(beta), int(ignore_index), op_scale)
+        if reduction == "none":
+            return per_row
+        total = per_row.sum()
     if reduction == "sum" or folded:
         return total
     if target is None:
