@@ -197,7 +197,7 @@ def test_torch_compile_matches_eager():
 
 def test_large_output_is_written_in_full():
     """The gradient buffer of a large call (advised to use huge pages) holds the whole gradient."""
-    s, t = logits((64, 20000)), logits((64, 20000), seed=1)
+    s, t = logits((128, 70000)), logits((128, 70000), seed=1)
     _, _, grad = torch.ops.kdops.kd_div_with_grad(s, t, None, *ARGS, 1.0)
     _, _, ref = old_path(s, t)
     torch.testing.assert_close(grad, ref, rtol=2e-6, atol=1e-9)
@@ -211,3 +211,21 @@ def test_bad_inputs_name_the_argument():
         torch.ops.kdops.kd_div_with_grad(s, s, None, 0.0, -100, 1.0)
     with pytest.raises(RuntimeError, match="target"):
         torch.ops.kdops.kd_div_with_grad(s, s, torch.zeros(4, dtype=torch.long), *ARGS, 1.0)
+
+
+def test_huge_page_advice_can_be_turned_off(tmp_path):
+    """KDOPS_CPU_HUGE_PAGES=0 (read once per process) leaves large outputs on ordinary pages, same values."""
+    import os
+    import subprocess
+    import sys
+
+    s, t = logits((128, 70000)), logits((128, 70000), seed=1)
+    torch.save((s, t), tmp_path / "in.pt")
+    code = ("import torch, kdops; s, t = torch.load(%r); "
+            "torch.save(torch.ops.kdops.kd_div_with_grad(s, t, None, 2.0, -100, 1.0), %r)"
+            % (str(tmp_path / "in.pt"), str(tmp_path / "out.pt")))
+    env = dict(os.environ, KDOPS_CPU_HUGE_PAGES="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=300)
+    for a, b in zip(torch.load(tmp_path / "out.pt"), torch.ops.kdops.kd_div_with_grad(s, t, None, *ARGS, 1.0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -74,6 +74,7 @@ at::Tensor at_map_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f_in
               "kdops.at_map_backward: grad must be (b, HW) = (", B, ", ", hw, "), got ", grad_in.sizes());
   const at::Tensor g = grad_in.to(f.scalar_type()).contiguous();
   at::Tensor out = at::empty(f.sizes(), f.options());
+  advise_huge_pages(out);
   if (f.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "at_map_backward_cpu", [&] {
     using T = scalar_t;

@@ -6,6 +6,7 @@
 
 #include <c10/util/bit_cast.h>
 #include <cstddef>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -39,16 +40,26 @@
 namespace kdops {
 namespace cpu {
 
-// Asks the kernel to back the 2 MiB-aligned interior of a fresh, not yet written buffer with transparent huge
-// pages (where THP is in "madvise" mode). Large outputs come straight from mmap, and on first write every 4 KiB page
-// faults: measured here, filling a new 125 MiB tensor took 44 ms with 4 KiB pages and 9 ms with huge pages. Outputs
-// below kHugeMin, and systems without THP, are left as they are (the call only advises).
+// Asks the kernel to back the 2 MiB-aligned interior of a fresh, not yet written output with transparent huge pages
+// (where THP is in "madvise" mode). Outputs above glibc's largest mmap threshold (32 MiB) come from a new mmap on
+// every call, and on first write every 4 KiB page faults: measured here, filling a new 125 MiB tensor took 44 ms
+// with 4 KiB pages and 9 ms with huge pages (medians). Smaller outputs are usually recycled heap memory and are left
+// alone. On this virtual machine the first huge-page faults of a process, and some later ones, stalled for
+// 0.1-0.7 s; KDOPS_CPU_HUGE_PAGES=0 turns the advice off.
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr size_t kHugeMin = size_t(4) << 20;
+constexpr size_t kHugeMin = size_t(32) << 20;
+
+inline bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("KDOPS_CPU_HUGE_PAGES");
+    return v == nullptr || v[0] != '0';
+  }();
+  return on;
+}
 
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (p == nullptr || bytes < kHugeMin) return;
+  if (p == nullptr || bytes < kHugeMin || !huge_pages_enabled()) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(uintptr_t(kHugePage) - 1);
   if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -56,6 +67,12 @@ inline void advise_huge_pages(void* p, size_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+// The same for a freshly allocated output tensor (any type with data_ptr() and nbytes()).
+template <typename TensorT>
+inline void advise_huge_pages(const TensorT& out) {
+  advise_huge_pages(out.data_ptr(), out.nbytes());
 }
 
 inline bool cpu_has_wide_build() {

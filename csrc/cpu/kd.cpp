@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_div_with_grad_cpu(const at::Te
                                                                     double scale) {
   kd::KdCall c = kd::prepare_forward(student, teacher, target, temperature, "kl", 0.0, 0.0);
   at::Tensor grad = at::empty(student.sizes(), student.options());
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  advise_huge_pages(grad);
   if (c.N == 0 || c.C == 0) return {c.out0, c.out1, grad.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_with_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -438,8 +438,8 @@ std::tuple<at::Tensor, at::Tensor> kd_div_backward_cpu(const at::Tensor& grad, c
                                                        double scale) {
   kd::KdCall c = kd::prepare_backward(grad, student, teacher, target, stats, temperature, divergence, alpha, beta,
                                       student_grad, teacher_grad);
-  advise_huge_pages(c.out0.data_ptr(), c.out0.nbytes());
-  advise_huge_pages(c.out1.data_ptr(), c.out1.nbytes());
+  advise_huge_pages(c.out0);
+  advise_huge_pages(c.out1);
   if (c.N == 0 || c.C == 0 || !(student_grad || teacher_grad)) return {c.out0, c.out1};
   const at::Tensor g = grad.contiguous(), st = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.s.scalar_type(), "kd_div_backward_cpu", [&] {

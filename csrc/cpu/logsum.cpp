@@ -89,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor> logsum_backward_cpu(const at::Tensor& grad, c
                                                        double alpha, double eps, bool a_grad, bool b_grad) {
   const feature::LogsumCall c =
       feature::prepare_logsum_backward(grad, a_in, b_in, total, alpha, eps, a_grad, b_grad);
+  advise_huge_pages(c.ga);
+  advise_huge_pages(c.gb);
   const at::Tensor &a = c.a, &b = c.b, &ga = c.ga, &gb = c.gb;
   if (a.numel() == 0 || !(a_grad || b_grad)) return {ga, gb};
   const double coef = grad.item<double>() / (total.item<double>() + eps);

@@ -52,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_l2_impl(const char* op, c
                                                                double scale, bool student_grad, bool teacher_grad) {
   const feature::MapGradCall c =
       feature::prepare_maps_with_grad(op, student, teacher, margin, student_grad, teacher_grad);
+  advise_huge_pages(c.gs);
+  advise_huge_pages(c.gt);
   const at::Tensor &s = c.s, &t = c.t, &m = c.m, &gs = c.gs, &gt = c.gt;
   const int64_t C = c.C, planes = c.planes, hw = c.hw;
   at::Tensor plane_sums = at::empty({c.B, C}, m.options());
@@ -98,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
                                                            bool student_grad, bool teacher_grad) {
   const feature::MapGradCall c =
       feature::prepare_maps_backward(grad, student, teacher, margin, student_grad, teacher_grad);
+  advise_huge_pages(c.gs);
+  advise_huge_pages(c.gt);
   const at::Tensor &s = c.s, &t = c.t, &m = c.m, &g = c.g;
   const at::Tensor &gs = c.gs, &gt = c.gt;
   const int64_t C = c.C, planes = c.planes, hw = c.hw;
@@ -126,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> partial_l2_backward_cpu(const at::Tensor& gra
 template <bool Backward>
 at::Tensor margin_relu_impl(const at::Tensor* grad, const at::Tensor& x_in, const at::Tensor& margin) {
   const feature::MarginReluCall c = feature::prepare_margin_relu(grad, x_in, margin);
+  advise_huge_pages(c.out);
   const at::Tensor &x = c.x, &m = c.m, &g = c.g, &out = c.out;
   const int64_t C = c.C, planes = c.planes, hw = c.hw;
   if (planes == 0 || hw == 0) return out;
