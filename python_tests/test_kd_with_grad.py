@@ -229,3 +229,10 @@ def test_huge_page_advice_can_be_turned_off(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=300)
     for a, b in zip(torch.load(tmp_path / "out.pt"), torch.ops.kdops.kd_div_with_grad(s, t, None, *ARGS, 1.0)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_second_derivative_raises():
+    s, t = logits((4, 9)).requires_grad_(), logits((4, 9), seed=1)
+    g = torch.autograd.grad(F.kd_loss(s, t), s, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), s)

@@ -4,6 +4,7 @@
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kdops._ops._common import acc_dtype
 
@@ -127,6 +128,7 @@ class KlWithGrad(torch.autograd.Function):
         return per_row.sum() if total else per_row
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of silently being 0
     def backward(ctx, grad_loss):
         student, teacher, target, stats, grad = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
