@@ -169,6 +169,19 @@ def test_with_grad_op_matches_the_op_pair(device, dtype):
     torch.library.opcheck(torch.ops.kdops.partial_l2_with_grad.default, (s, t, m, scale, True, True))
 
 
+def test_gradients_above_the_huge_page_size_are_written_in_full():
+    """Gradient buffers above 32 MiB (advised to use huge pages on the CPU) against the backward op and the
+    reference: (65, 128, 32, 32) fp32 is 32.5 MiB per map."""
+    s, t, m = maps((65, 128, 32, 32), "cpu", torch.float32)
+    _, gs, gt = torch.ops.kdops.partial_l2_with_grad(s, t, m, 1.0, True, True)
+    es, et = torch.ops.kdops.partial_l2_backward(torch.ones(65), s, t, m, True, True)
+    torch.testing.assert_close(gs, es, rtol=0, atol=0)
+    torch.testing.assert_close(gt, et, rtol=0, atol=0)
+    a = s.double().requires_grad_()
+    ref = R.partial_l2_loss(a, t.double(), m.double(), reduction="sum")
+    torch.testing.assert_close(gs.double(), torch.autograd.grad(ref, a)[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("hw", [(7, 7), (8, 8), (16, 16)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_kernels_equal_the_fp32_kernel_rounded(dtype, hw):
