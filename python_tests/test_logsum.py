@@ -43,6 +43,18 @@ def test_large_sums_keep_fp32_accuracy():
                                rtol=1e-6, atol=0)
 
 
+def test_gradients_above_the_huge_page_size_are_written_in_full():
+    """Gradient buffers above 32 MiB (advised to use huge pages on the CPU), for both inputs, against the reference."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9_000_000, generator=g).requires_grad_()
+    b = torch.randn(9_000_000, generator=g).requires_grad_()
+    ga, gb = torch.autograd.grad(F.logsum_loss((a, b), alpha=2.0), (a, b))
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ra, rb = torch.autograd.grad(R.logsum_loss((a64, b64), alpha=2.0), (a64, b64))
+    torch.testing.assert_close(ga.double(), ra, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-12)
+
+
 def test_gradcheck_float64():
     a, b = pair((5, 7), "cpu", torch.float64)
     a.requires_grad_()
